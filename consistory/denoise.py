@@ -1,0 +1,135 @@
+"""The denoising loop: diffusers' SDXL loop, with the vanilla forward of query mixing fused in.
+
+It mirrors `StableDiffusionXLPipeline.__call__` (CFG rows [uncond, cond], the scheduler's own
+`scale_model_input`/`step`) so that with every mechanism off the latents equal diffusers'.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .correspondence import smooth_features
+from .run_state import RunState
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning of the 2B CFG rows, [uncond, cond]."""
+
+    prompt_embeds: torch.Tensor  # (2B, T, D)
+    text_embeds: torch.Tensor  # (2B, D_pooled)
+    time_ids: torch.Tensor  # (2B, 6)
+
+    def doubled(self) -> "Conditioning":
+        """The same conditioning for [vanilla rows, SDSA rows] in one forward."""
+        return Conditioning(*(torch.cat([t, t]) for t in (self.prompt_embeds, self.text_embeds, self.time_ids)))
+
+
+def encode_conditioning(pipe, prompts: Sequence[str], height: int, width: int, device) -> Conditioning:
+    """Both text encoders and SDXL's size conditioning, exactly as diffusers builds them."""
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+        prompt=list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=True
+    )
+    if pipe.text_encoder_2 is None:
+        projection_dim = int(pooled.shape[-1])
+    else:
+        projection_dim = pipe.text_encoder_2.config.projection_dim
+    time_ids = pipe._get_add_time_ids(
+        (height, width), (0, 0), (height, width), dtype=embeds.dtype, text_encoder_projection_dim=projection_dim
+    )
+    b = len(prompts)
+    return Conditioning(
+        prompt_embeds=torch.cat([negative, embeds]).to(device),
+        text_embeds=torch.cat([negative_pooled, pooled]).to(device),
+        time_ids=torch.cat([time_ids, time_ids]).to(device).repeat(b, 1),
+    )
+
+
+def nearest_step(timesteps: torch.Tensor, timestep: int) -> int:
+    """Index of the step whose timestep is nearest `timestep` (the first, on a tie)."""
+    return int((timesteps.float() - timestep).abs().argmin())
+
+
+@contextmanager
+def dift_hook(unet, state: RunState) -> Iterator[None]:
+    """Capture the first `up` block's output (its upsampler included) at the DIFT step."""
+
+    def hook(module, inputs, output):
+        if state.capture_dift:
+            features = output[state.half_rows(1)]
+            cfg = state.config
+            state.dift = smooth_features(features, cfg.dift_kernel_size, cfg.dift_sigma)
+
+    handle = unet.up_blocks[0].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def denoise_pass(
+    pipe,
+    scheduler,
+    state: RunState,
+    latents: torch.Tensor,
+    cond: Conditioning,
+    on_step: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """One pass of the denoising loop from `latents`; returns the final latents."""
+    timesteps = scheduler.timesteps
+    doubled = cond.doubled()
+    guidance = state.config.guidance_scale
+    extra = pipe.prepare_extra_step_kwargs(None, 0.0)
+    for i, t in enumerate(timesteps):
+        state.begin_step(i)
+        c = doubled if state.fused_vanilla else cond
+        x = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        if state.fused_vanilla:
+            x = torch.cat([x, x])
+        noise = pipe.unet(
+            x,
+            t,
+            encoder_hidden_states=c.prompt_embeds,
+            timestep_cond=None,
+            added_cond_kwargs={"text_embeds": c.text_embeds, "time_ids": c.time_ids},
+            return_dict=False,
+        )[0]
+        noise = noise[state.main_offset :]  # the vanilla forward's prediction is thrown away
+        uncond, text = noise.chunk(2)
+        noise = uncond + guidance * (text - uncond)
+        latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+        if on_step is not None:
+            on_step()
+    state.end_pass()
+    return latents
+
+
+def decode_latents(pipe, latents: torch.Tensor, output_type: str):
+    """VAE decode and post-process as diffusers does (fp16 VAEs are upcast), image by image to
+    bound memory at large sizes."""
+    vae = pipe.vae
+    needs_upcasting = vae.dtype == torch.float16 and vae.config.force_upcast
+    if needs_upcasting:
+        vae.to(dtype=torch.float32)
+    try:
+        dtype = next(iter(vae.post_quant_conv.parameters())).dtype
+        latents = latents.to(dtype)
+        mean = getattr(vae.config, "latents_mean", None)
+        std = getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std_t / vae.config.scaling_factor + mean_t
+        else:
+            latents = latents / vae.config.scaling_factor
+        images = torch.cat([vae.decode(latents[i : i + 1], return_dict=False)[0] for i in range(latents.shape[0])])
+    finally:
+        if needs_upcasting:
+            vae.to(dtype=torch.float16)
+    if getattr(pipe, "watermark", None) is not None:
+        images = pipe.watermark.apply_watermark(images)
+    return pipe.image_processor.postprocess(images, output_type=output_type)

@@ -1,0 +1,239 @@
+"""ConsiStoryPipeline: the method on a stock diffusers StableDiffusionXLPipeline."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .anchor_cache import AnchorCache
+from .anchors import CachedAnchors, LiveAnchors
+from .config import ConsiStoryConfig
+from .denoise import decode_latents, denoise_pass, dift_hook, encode_conditioning, nearest_step
+from .grids import Grids
+from .outputs import AnchorsOutput, StoryOutput
+from .processors import build_processors
+from .run_state import RunState
+from .seeds import check_seeds, consecutive_seeds, initial_latents
+from .subject_tokens import find_subject_tokens
+
+FREEU_KEYS = ("s1", "s2", "b1", "b2")
+
+
+class ConsiStoryPipeline:
+    """Consistent subjects across images, training-free, on SDXL.
+
+    The wrapped pipeline is left as it was: the method's attention processors, FreeU and the DIFT
+    hook are installed only while generating and removed afterwards, even on error.
+    """
+
+    def __init__(self, sdxl, model_id: str | None = None) -> None:
+        self.sdxl = sdxl
+        self.model_id = model_id or getattr(sdxl, "name_or_path", None) or sdxl.__class__.__name__
+        self.progress_bar = True
+        self._fingerprint: str | None = None
+
+    # --- construction ---
+    @classmethod
+    def from_pretrained(cls, model_id_or_path: str, **diffusers_kwargs: Any) -> "ConsiStoryPipeline":
+        """Load SDXL weights (hub id or local directory) and use DDIM as the method specifies."""
+        from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+        sdxl = StableDiffusionXLPipeline.from_pretrained(model_id_or_path, **diffusers_kwargs)
+        sdxl.scheduler = DDIMScheduler.from_config(sdxl.scheduler.config)
+        return cls(sdxl, model_id=str(model_id_or_path))
+
+    @classmethod
+    def from_sdxl(cls, pipe, model_id: str | None = None) -> "ConsiStoryPipeline":
+        """Wrap an existing StableDiffusionXLPipeline (its scheduler is used as it is)."""
+        return cls(pipe, model_id=model_id)
+
+    @classmethod
+    def from_preset(cls, name: str, seed: int = 0, **kwargs: Any) -> "ConsiStoryPipeline":
+        """Random-weight SDXL-topology presets ("tiny", "small", "full"); see consistory.presets."""
+        from .presets import build_preset_sdxl
+
+        return cls(build_preset_sdxl(name, seed=seed, **kwargs), model_id=f"preset:{name}:{seed}")
+
+    @property
+    def device(self) -> torch.device:
+        return self.sdxl.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.sdxl.unet.dtype
+
+    def to(self, *args, **kwargs) -> "ConsiStoryPipeline":
+        self.sdxl.to(*args, **kwargs)
+        self._fingerprint = None
+        return self
+
+    def set_progress_bar_config(self, disable: bool = False) -> None:
+        self.progress_bar = not disable
+
+    @property
+    def model_fingerprint(self) -> str:
+        """Identifies the UNet (architecture and a sample of its weights) for cache checks."""
+        if self._fingerprint is None:
+            unet = self.sdxl.unet
+            digest = hashlib.sha256(json.dumps(dict(unet.config), sort_keys=True, default=str).encode())
+            digest.update(unet.conv_in.weight.detach().float().cpu().numpy().tobytes())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
+
+    def default_config(self) -> ConsiStoryConfig:
+        return ConsiStoryConfig()
+
+    # --- the three entry points ---
+    def generate_story(
+        self,
+        prompts: Sequence[str],
+        subjects: Sequence[str],
+        seed: int = 0,
+        config: ConsiStoryConfig | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+    ) -> StoryOutput:
+        """All prompts in one batch; the first `config.n_anchors` images are the anchors."""
+        config = config or self.default_config()
+        prompts = list(prompts)
+        seeds = consecutive_seeds(seed, len(prompts))
+        anchors = LiveAnchors(min(config.n_anchors, len(prompts)), len(prompts))
+        return self._generate(prompts, subjects, seeds, config, latents, anchors, output_type)
+
+    def create_anchors(
+        self,
+        anchor_prompts: Sequence[str],
+        subjects: Sequence[str],
+        seed: int = 0,
+        config: ConsiStoryConfig | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        cache_device: str | torch.device | None = None,
+    ) -> AnchorsOutput:
+        """Generate the anchor images and record the anchor cache (on `cache_device` if given,
+        e.g. "cpu" to keep it off the GPU)."""
+        config = config or self.default_config()
+        prompts = list(anchor_prompts)
+        if len(prompts) != config.n_anchors:
+            config = config.replace(n_anchors=len(prompts))
+        seeds = consecutive_seeds(seed, len(prompts))
+        cache = AnchorCache(
+            subjects=list(subjects),
+            anchor_prompts=prompts,
+            seeds=seeds,
+            config=config,
+            model_id=self.model_id,
+            model_fingerprint=self.model_fingerprint,
+            dtype=str(self.dtype).removeprefix("torch."),
+            storage_device=str(cache_device) if cache_device is not None else None,
+        )
+        anchors = LiveAnchors(len(prompts), len(prompts), recorder=cache)
+        out = self._generate(prompts, subjects, seeds, config, latents, anchors, output_type)
+        return AnchorsOutput(out.images, out.seeds, out.subject_masks, out.timings, cache=cache)
+
+    def generate_from_anchors(
+        self,
+        cache: AnchorCache,
+        prompts: Sequence[str],
+        seeds: Sequence[int] | None = None,
+        config: ConsiStoryConfig | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+    ) -> StoryOutput:
+        """New images of the cached subject; each is independent of the others in the call.
+
+        Default seeds continue the anchors': `cache.seeds[0] + n_anchors + j` for prompt j.
+        """
+        config = config or cache.config
+        cache.check_compatible(self.model_fingerprint, config)
+        prompts = list(prompts)
+        if seeds is None:
+            seeds = consecutive_seeds(cache.seeds[0] + cache.n_anchors, len(prompts))
+        seeds = check_seeds(list(seeds))
+        if len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
+        anchors = CachedAnchors(cache, len(prompts))
+        return self._generate(prompts, cache.subjects, seeds, config, latents, anchors, output_type)
+
+    # --- the shared path ---
+    def _generate(self, prompts, subjects, seeds, config, latents, anchors, output_type) -> StoryOutput:
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent' (got {output_type!r})")
+        sdxl = self.sdxl
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        tokens = find_subject_tokens(sdxl.tokenizer, prompts, list(subjects))
+        grids = Grids.for_image(config.height, config.width, sdxl.vae_scale_factor)
+        latents = self._initial_latents(seeds, grids, latents)
+        scheduler = type(sdxl.scheduler).from_config(sdxl.scheduler.config)
+        scheduler.set_timesteps(config.num_inference_steps, device=self.device)
+        state = RunState(
+            config=config,
+            grids=grids,
+            n_images=len(prompts),
+            token_weights=tokens.weights().to(self.device),
+            present=tokens.present.to(self.device),
+            anchors=anchors,
+            seeds=seeds,
+            dift_step=nearest_step(scheduler.timesteps, config.dift_timestep),
+        )
+        passes = 2 if config.two_passes else 1
+        with torch.no_grad(), self._method_installed(state, config), self._progress(passes, config) as step_done:
+            cond = encode_conditioning(sdxl, prompts, config.height, config.width, self.device)
+            timings["encode_s"] = time.perf_counter() - start
+            result = latents
+            for pass_index in range(1, passes + 1):
+                t0 = time.perf_counter()
+                scheduler.set_timesteps(config.num_inference_steps, device=self.device)
+                state.begin_pass(pass_index)
+                result = denoise_pass(sdxl, scheduler, state, latents, cond, step_done)
+                timings[f"pass{pass_index}_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            images = result if output_type == "latent" else decode_latents(sdxl, result, output_type)
+            timings["decode_s"] = time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - start
+        masks = [m.reshape(grids.coarse).cpu().numpy() for m in state.final_masks["coarse"]]
+        return StoryOutput(images=images, seeds=list(seeds), subject_masks=masks, timings=timings)
+
+    def _initial_latents(self, seeds, grids: Grids, latents: torch.Tensor | None) -> torch.Tensor:
+        channels = self.sdxl.unet.config.in_channels
+        expected = (len(seeds), channels, *grids.latent)
+        if latents is None:
+            return initial_latents(seeds, expected[1:], self.dtype, self.device)
+        if tuple(latents.shape) != expected:
+            raise ValueError(f"latents must have shape {expected} (B, C, H/8, W/8); got {tuple(latents.shape)}")
+        return latents.to(device=self.device, dtype=self.dtype)
+
+    @contextmanager
+    def _method_installed(self, state: RunState, config: ConsiStoryConfig) -> Iterator[None]:
+        unet = self.sdxl.unet
+        originals = unet.attn_processors
+        freeu_before = [{k: getattr(block, k, None) for k in FREEU_KEYS} for block in unet.up_blocks]
+        try:
+            # set_attn_processor empties the dict it is given: always hand it a copy.
+            unet.set_attn_processor(dict(build_processors(dict(originals), state)))
+            if config.freeu:
+                unet.enable_freeu(s1=config.freeu_s1, s2=config.freeu_s2, b1=config.freeu_b1, b2=config.freeu_b2)
+            else:
+                unet.disable_freeu()
+            with dift_hook(unet, state):
+                yield
+        finally:
+            unet.set_attn_processor(dict(originals))
+            for block, values in zip(unet.up_blocks, freeu_before):
+                for k, v in values.items():
+                    setattr(block, k, v)
+
+    @contextmanager
+    def _progress(self, passes: int, config: ConsiStoryConfig):
+        bar = tqdm(total=passes * config.num_inference_steps, desc="denoising", disable=not self.progress_bar, leave=False)
+        try:
+            yield bar.update
+        finally:
+            bar.close()

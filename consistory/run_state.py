@@ -1,0 +1,97 @@
+"""The per-generation state that the attention processors and hooks share.
+
+diffusers hands a processor only the keyword arguments its `__call__` names, so per-step facts
+(which pass, which step, which masks) live here, in one object the processors were built with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import ConsiStoryConfig
+from .correspondence import InjectionPlan, nearest_sources, plan_injection, tokens_at_grid
+from .grids import Grids
+from .subject_masks import CrossAttentionWindow, MaskDropout, masks_from_maps
+
+GRID_ORDER = ("coarse", "fine")
+
+
+@dataclass
+class RunState:
+    config: ConsiStoryConfig
+    grids: Grids
+    n_images: int
+    token_weights: torch.Tensor  # (B, S, T)
+    present: torch.Tensor  # (B, S) bool
+    anchors: Any  # LiveAnchors | CachedAnchors
+    seeds: list[int]
+    dift_step: int
+
+    pass_index: int = 1
+    step: int = 0
+    fused_vanilla: bool = False  # this forward carries the vanilla rows first (query mixing)
+    mix_strength: float | None = None
+    sdsa_active: bool = False
+    inject_active: bool = False
+    capture_dift: bool = False
+    dropout_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    final_masks: dict[str, torch.Tensor] = field(default_factory=dict)  # pass 1, after its last step
+    dift: torch.Tensor | None = None  # (B, C, H, W) smoothed
+    plan: InjectionPlan | None = None
+    window: CrossAttentionWindow = field(init=False)
+    dropout: MaskDropout = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.window = CrossAttentionWindow(self.config.mask_window)
+        self.dropout = MaskDropout(self.seeds, self.config.mask_dropout)
+
+    # --- rows of the UNet batch: [vanilla uncond, vanilla cond]? + [uncond, cond] ---
+    @property
+    def main_offset(self) -> int:
+        return 2 * self.n_images if self.fused_vanilla else 0
+
+    def half_rows(self, half: int) -> slice:
+        start = self.main_offset + half * self.n_images
+        return slice(start, start + self.n_images)
+
+    # --- schedule ---
+    def begin_pass(self, pass_index: int) -> None:
+        self.pass_index = pass_index
+        self.window.reset()
+
+    def begin_step(self, step: int) -> None:
+        cfg = self.config
+        self.step = step
+        self.mix_strength = cfg.query_mix_strength(step)
+        self.fused_vanilla = self.mix_strength is not None
+        self.sdsa_active = cfg.sdsa and step >= 1
+        self.inject_active = self.pass_index == 2 and cfg.feature_injection and step in cfg.injection_steps()
+        self.capture_dift = self.pass_index == 1 and cfg.feature_injection and step == self.dift_step
+        if self.sdsa_active:
+            # Masks at step i come from the cross-attention aggregate through step i - 1.
+            masks = self.current_masks()
+            self.dropout_masks = self.dropout(masks, GRID_ORDER)
+
+    def current_masks(self) -> dict[str, torch.Tensor]:
+        maps = self.window.aggregate()
+        return masks_from_maps(maps, self.present, self.grids, self.config.otsu_bins, GRID_ORDER)
+
+    def end_pass(self) -> None:
+        if self.pass_index == 1:
+            self.final_masks = self.current_masks()
+            self.anchors.finish_pass1(self)
+            if self.config.feature_injection:
+                self.plan = self._injection_plan()
+
+    def _injection_plan(self) -> InjectionPlan:
+        if self.dift is None:
+            raise RuntimeError("DIFT features were not captured in pass 1; the up block hook did not run")
+        source_dift, source_masks, own_index = self.anchors.correspondence_sources(self)
+        shape = self.grids.fine
+        targets = tokens_at_grid(self.dift, shape)
+        sources = tokens_at_grid(source_dift, shape)
+        nn_dist, nn_map = nearest_sources(targets, sources, source_masks, own_index)
+        return plan_injection(nn_dist, nn_map, self.final_masks["fine"], source_masks, self.config.otsu_bins)
