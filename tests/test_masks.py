@@ -1,0 +1,82 @@
+"""Otsu thresholds, subject-mask union and per-image mask dropout on hand-made inputs."""
+
+import torch
+
+from consistory.grids import Grids
+from consistory.otsu import otsu_below, otsu_mask, otsu_threshold
+from consistory.subject_masks import CrossAttentionWindow, MaskDropout, masks_from_maps
+
+
+def test_otsu_separates_two_populations():
+    g = torch.Generator().manual_seed(0)
+    low = 0.2 + 0.05 * torch.randn(300, generator=g)
+    high = 0.8 + 0.05 * torch.randn(100, generator=g)
+    values = torch.cat([low, high])[None]
+    threshold = float(otsu_threshold(values)[0])
+    assert 0.35 < threshold < 0.65
+    mask = otsu_mask(values)[0]
+    assert mask[300:].all() and not mask[:300].any()
+    assert (otsu_below(values)[0] == ~mask).all()
+
+
+def test_otsu_is_per_row_and_scale_free():
+    row = torch.tensor([0.0, 0.1, 0.0, 0.9, 1.0, 0.95])
+    batch = torch.stack([row, row * 1000 + 7])
+    masks = otsu_mask(batch)
+    assert (masks[0] == masks[1]).all()
+    assert masks[0].tolist() == [False, False, False, True, True, True]
+
+
+def test_otsu_of_a_constant_map_is_empty():
+    assert not otsu_mask(torch.full((1, 16), 0.3)).any()
+    assert not otsu_below(torch.full((1, 16), 0.3)).any()
+
+
+def _blob_map(hc, wc, rows, cols):
+    m = torch.zeros(hc, wc)
+    m[rows, cols] = 1.0
+    return m.flatten()
+
+
+def test_masks_union_the_subjects_present_in_each_prompt():
+    grids = Grids.for_image(128, 128)  # coarse 4 x 4, fine 8 x 8
+    hc, wc = grids.coarse
+    dog = _blob_map(hc, wc, slice(0, 2), slice(0, 2))
+    hat = _blob_map(hc, wc, slice(2, 4), slice(2, 4))
+    maps = torch.stack([torch.stack([dog, hat]), torch.stack([dog, hat])])  # (B=2, S=2, Nc)
+    present = torch.tensor([[True, True], [True, False]])  # image 1's prompt has no hat
+    masks = masks_from_maps(maps, present, grids, 256, ("coarse", "fine"))
+    coarse = masks["coarse"].reshape(2, hc, wc)
+    assert coarse[0, :2, :2].all() and coarse[0, 2:, 2:].all() and not coarse[0, :2, 2:].any()
+    assert coarse[1, :2, :2].all() and not coarse[1, 2:, 2:].any()
+    fine = masks["fine"].reshape(2, *grids.fine)
+    assert fine[0, 0, 0] and fine[0, 7, 7] and not fine[0, 0, 7]
+
+
+def test_window_keeps_only_the_last_records():
+    window = CrossAttentionWindow(window=2)
+    for value in (100.0, 1.0, 3.0):
+        window.record("layer.a", torch.full((1, 1, 4), value))
+        window.record("layer.b", torch.full((1, 1, 4), value))
+    assert torch.allclose(window.aggregate(), torch.full((1, 1, 4), 2.0))
+
+
+def test_dropout_rate_and_reproducibility():
+    mask = torch.ones(1, 4096, dtype=torch.bool)
+    first = MaskDropout([7], 0.5)({"fine": mask}, ["fine"])["fine"]
+    again = MaskDropout([7], 0.5)({"fine": mask}, ["fine"])["fine"]
+    other = MaskDropout([8], 0.5)({"fine": mask}, ["fine"])["fine"]
+    assert abs(first.float().mean().item() - 0.5) < 0.05
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    rate_08 = MaskDropout([7], 0.8)({"fine": mask}, ["fine"])["fine"].float().mean().item()
+    assert abs(rate_08 - 0.2) < 0.04
+
+
+def test_dropout_never_adds_tokens_and_is_independent_of_the_batch():
+    g = torch.Generator().manual_seed(1)
+    masks = torch.rand(3, 256, generator=g) > 0.6
+    alone = MaskDropout([11], 0.5)({"fine": masks[2:]}, ["fine"])["fine"][0]
+    batched = MaskDropout([5, 6, 11], 0.5)({"fine": masks}, ["fine"])["fine"][2]
+    assert torch.equal(alone, batched)
+    assert not (batched & ~masks[2]).any()

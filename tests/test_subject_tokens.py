@@ -1,0 +1,54 @@
+"""Subject token positions: single tokens, sub-word pieces, phrases, and a missing subject."""
+
+import pytest
+
+from consistory.subject_tokens import find_subject_tokens
+from consistory.tokenizer import build_local_clip_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_local_clip_tokenizer()
+
+
+def _pieces(tokenizer, prompt, positions):
+    ids = tokenizer(prompt.lower())["input_ids"]
+    return tokenizer.decode([ids[p] for p in positions]).replace(" ", "")
+
+
+def test_single_token_subject(tokenizer):
+    tokens = find_subject_tokens(tokenizer, ["A photo of a Dog in the park"], ["dog"])
+    (positions,) = tokens.positions[0]
+    assert len(positions) == 1 and _pieces(tokenizer, "A photo of a Dog in the park", positions) == "dog"
+    w = tokens.weights()
+    assert w.shape == (1, 1, 77) and abs(float(w.sum()) - 1.0) < 1e-6
+
+
+def test_multi_piece_subject_uses_all_pieces(tokenizer):
+    prompt = "a zorblax hedgehogzz in the snow"
+    (positions,) = find_subject_tokens(tokenizer, [prompt], ["hedgehogzz"]).positions[0]
+    assert len(positions) > 1
+    assert _pieces(tokenizer, prompt, positions) == "hedgehogzz"
+
+
+def test_phrase_and_reworded_phrase(tokenizer):
+    tokens = find_subject_tokens(
+        tokenizer, ["a polar bear on the ice", "the hat of an old wizard"], ["polar bear", "wizard hat"]
+    )
+    bear, hat = tokens.positions[0]
+    assert _pieces(tokenizer, "a polar bear on the ice", bear) == "polarbear" and hat == ()
+    bear2, hat2 = tokens.positions[1]
+    assert bear2 == () and _pieces(tokenizer, "the hat of an old wizard", hat2) == "hatwizard"
+    assert tokens.present.tolist() == [[True, False], [False, True]]
+
+
+def test_a_prompt_without_any_subject_is_rejected_by_name(tokenizer):
+    with pytest.raises(ValueError, match="a cat on a sofa") as info:
+        find_subject_tokens(tokenizer, ["a dog in the park", "a cat on a sofa"], ["dog"])
+    assert "dog" in str(info.value)
+
+
+@pytest.mark.parametrize("subjects", [[], [""], ["  "]])
+def test_empty_subjects_are_rejected(tokenizer, subjects):
+    with pytest.raises(ValueError, match="subjects"):
+        find_subject_tokens(tokenizer, ["a dog"], subjects)
