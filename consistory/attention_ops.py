@@ -76,11 +76,21 @@ def shared_self_attention(
         return attention(q, k, v, heads)
     keys = torch.cat([k, k_shared.to(k.dtype).expand(r, m, -1)], dim=1)
     values = torch.cat([v, v_shared.to(v.dtype).expand(r, m, -1)], dim=1)
-    mask = None
-    if visible is not None:
-        own = torch.ones(r, n, dtype=torch.bool, device=k.device)
-        mask = torch.cat([own, visible.to(k.device)], dim=1)[:, None, None, :]  # (R, 1, 1, N + M)
-    return attention(q, keys, values, heads, mask)
+    if visible is None:
+        return attention(q, keys, values, heads)
+    # Only anchor rows need a mask (to hide their own shared copy); the other rows keep the
+    # unmasked kernel, which is the fast one on GPUs.
+    visible = visible.to(k.device)
+    masked = ~visible.all(dim=1)
+    out = torch.empty_like(q)
+    if bool((~masked).any()):
+        free = ~masked
+        out[free] = attention(q[free], keys[free], values[free], heads)
+    if bool(masked.any()):
+        own = torch.ones(int(masked.sum()), n, dtype=torch.bool, device=k.device)
+        mask = torch.cat([own, visible[masked]], dim=1)[:, None, None, :]  # (rows, 1, 1, N + M)
+        out[masked] = attention(q[masked], keys[masked], values[masked], heads, mask)
+    return out
 
 
 def mix_queries(q: torch.Tensor, q_vanilla: torch.Tensor, strength: float) -> torch.Tensor:
