@@ -1,17 +1,37 @@
-"""ConsiStory: training-free consistent-subject text-to-image generation on diffusers SDXL."""
+"""ConsiStory: training-free consistent-subject text-to-image generation on diffusers SDXL.
 
-from .anchor_cache import AnchorCache, AnchorCacheError
-from .config import ConsiStoryConfig, vanilla_config
-from .outputs import AnchorsOutput, StoryOutput
-from .pipeline import ConsiStoryPipeline
+The public names are imported on first use, so `import consistory` (and `consistory --help`)
+does not pay for torch and diffusers until they are needed.
+"""
 
-__all__ = [
-    "AnchorCache",
-    "AnchorCacheError",
-    "AnchorsOutput",
-    "ConsiStoryConfig",
-    "ConsiStoryPipeline",
-    "StoryOutput",
-    "vanilla_config",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "AnchorCache": ".anchor_cache",
+    "AnchorCacheError": ".anchor_cache",
+    "AnchorsOutput": ".outputs",
+    "ConsiStoryConfig": ".config",
+    "ConsiStoryPipeline": ".pipeline",
+    "StoryOutput": ".outputs",
+    "vanilla_config": ".config",
+}
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .anchor_cache import AnchorCache, AnchorCacheError
+    from .config import ConsiStoryConfig, vanilla_config
+    from .outputs import AnchorsOutput, StoryOutput
+    from .pipeline import ConsiStoryPipeline
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'consistory' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value

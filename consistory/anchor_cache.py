@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
+from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save
 
 from .config import ConsiStoryConfig
@@ -144,6 +145,7 @@ class AnchorCache:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(self.to_bytes())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -155,7 +157,16 @@ class AnchorCache:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no anchor cache at {path}")
-        return cls.from_bytes(path.read_bytes(), device=device)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            head += f.read(min(length, path.stat().st_size))
+        metadata = _read_metadata(head)
+        try:  # straight from the file: no second copy of a multi-GB cache in memory
+            tensors = st_load_file(str(path), device=str(device))
+        except Exception as error:
+            raise AnchorCacheError(f"not a readable anchor cache: {error}") from None
+        return cls._from_parts(metadata, tensors, device)
 
     @classmethod
     def _from_parts(cls, metadata: dict[str, str], tensors: dict[str, torch.Tensor], device) -> "AnchorCache":
@@ -177,6 +188,12 @@ class AnchorCache:
                 "the config differs from the one the anchors were made with "
                 f"(field: (cache, given) = {diff}); pass config=None to use the cache's"
             )
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:

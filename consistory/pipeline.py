@@ -78,11 +78,16 @@ class ConsiStoryPipeline:
 
     @property
     def model_fingerprint(self) -> str:
-        """Identifies the UNet (architecture and a sample of its weights) for cache checks."""
+        """Identifies the UNet (architecture and a sample of its weights) for cache checks.
+
+        Independent of the process (diffusers' private config keys are left out: some are
+        built from sets) and of the dtype the weights are held in (they are hashed in fp16).
+        """
         if self._fingerprint is None:
             unet = self.sdxl.unet
-            digest = hashlib.sha256(json.dumps(dict(unet.config), sort_keys=True, default=str).encode())
-            digest.update(unet.conv_in.weight.detach().float().cpu().numpy().tobytes())
+            public = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+            digest = hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode())
+            digest.update(unet.conv_in.weight.detach().to("cpu", torch.float16).numpy().tobytes())
             self._fingerprint = digest.hexdigest()[:16]
         return self._fingerprint
 
@@ -99,7 +104,8 @@ class ConsiStoryPipeline:
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
     ) -> StoryOutput:
-        """All prompts in one batch; the first `config.n_anchors` images are the anchors."""
+        """All prompts in one batch; the first `config.n_anchors` images are the anchors (all of
+        them when there are fewer prompts than that)."""
         config = config or self.default_config()
         prompts = list(prompts)
         seeds = consecutive_seeds(seed, len(prompts))
@@ -117,7 +123,8 @@ class ConsiStoryPipeline:
         cache_device: str | torch.device | None = None,
     ) -> AnchorsOutput:
         """Generate the anchor images and record the anchor cache (on `cache_device` if given,
-        e.g. "cpu" to keep it off the GPU)."""
+        e.g. "cpu" to keep it off the GPU). Every prompt is an anchor: the cache's config has
+        `n_anchors = len(anchor_prompts)`."""
         config = config or self.default_config()
         prompts = list(anchor_prompts)
         if len(prompts) != config.n_anchors:
