@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .attention_ops import gather_shared_tokens, shared_visibility
+from .attention_ops import gather_shared_tokens, shared_token_index
 
 if TYPE_CHECKING:
     from .anchor_cache import AnchorCache
@@ -20,39 +20,55 @@ if TYPE_CHECKING:
 
 
 class LiveAnchors:
-    """The first `n_anchors` images of the batch are the anchors."""
+    """The first `n_anchors` images of the batch are the anchors (a leading slice of every CFG
+    half, so no index tensors are needed to find them)."""
 
     def __init__(self, n_anchors: int, n_images: int, recorder: "AnchorCache | None" = None) -> None:
         self.n_anchors = n_anchors
-        self.rows = torch.arange(n_anchors)
         # Anchor index of every image in the batch, -1 for the others.
         self.row_anchor = torch.where(torch.arange(n_images) < n_anchors, torch.arange(n_images), -1)
         self.recorder = recorder
+        self._index_key: tuple | None = None
+        self._index: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._bank_index: torch.Tensor | None = None
+
+    def _shared_index(self, state: "RunState", grid: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat token index, hidden (A, M)) for this step and grid, computed once for all layers."""
+        key = (state.pass_index, state.step)
+        if key != self._index_key:
+            self._index_key, self._index = key, {}
+        if grid not in self._index:
+            index, owner = shared_token_index(state.dropout_masks[grid][: self.n_anchors].to(device))
+            hidden = owner[None, :] == torch.arange(self.n_anchors, device=device)[:, None]  # own tokens
+            self._index[grid] = (index, hidden)
+        return self._index[grid]
 
     def shared_tokens(self, state: "RunState", layer: str, half: int, k: torch.Tensor, v: torch.Tensor, grid: str):
-        rows = self.rows.to(k.device)
-        k_shared, v_shared, owner = gather_shared_tokens(k, v, rows, state.dropout_masks[grid][rows])
+        index, hidden = self._shared_index(state, grid, k.device)
+        k_shared = gather_shared_tokens(k, self.n_anchors, index)
+        v_shared = gather_shared_tokens(v, self.n_anchors, index)
         if self.recorder is not None:
             self.recorder.put_shared(state.pass_index, layer, state.step, half, k_shared, v_shared)
-        return k_shared, v_shared, shared_visibility(owner, self.row_anchor.to(k.device))
+        return k_shared, v_shared, hidden
 
     def injection_bank(self, state: "RunState", layer: str, out_cond: torch.Tensor) -> torch.Tensor:
-        masks = state.final_masks["fine"][self.rows.to(out_cond.device)]
-        bank = out_cond[self.rows.to(out_cond.device)][masks]  # taken before any row is modified
-        if self.recorder is not None:
+        if self._bank_index is None:  # the pass-1 subject masks are fixed for all of pass 2
+            self._bank_index = shared_token_index(state.final_masks["fine"][: self.n_anchors])[0]
+        bank = gather_shared_tokens(out_cond, self.n_anchors, self._bank_index.to(out_cond.device))
+        if self.recorder is not None:  # taken before any row is modified
             self.recorder.put_injection(layer, state.step, bank)
         return bank
 
     def correspondence_sources(self, state: "RunState"):
         """(source DIFT (A, C, H, W), source subject masks (A, N) fine, target_source_index (B,))."""
-        rows = self.rows.to(state.dift.device)
-        return state.dift[rows], state.final_masks["fine"][rows], self.row_anchor.to(state.dift.device)
+        a = self.n_anchors
+        return state.dift[:a], state.final_masks["fine"][:a], self.row_anchor.to(state.dift.device)
 
     def finish_pass1(self, state: "RunState") -> None:
         if self.recorder is not None:
-            rows = self.rows.to(state.dift.device)
-            masks = {name: m[rows] for name, m in state.final_masks.items()}
-            self.recorder.put_anchor_features(state.dift[rows] if state.dift is not None else None, masks)
+            a = self.n_anchors
+            masks = {name: m[:a] for name, m in state.final_masks.items()}
+            self.recorder.put_anchor_features(state.dift[:a] if state.dift is not None else None, masks)
 
 
 class CachedAnchors:

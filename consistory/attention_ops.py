@@ -31,29 +31,17 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tenso
     return scores.softmax(dim=-1)
 
 
-def gather_shared_tokens(
-    k: torch.Tensor, v: torch.Tensor, anchor_rows: torch.Tensor, dropout_masks: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keys/values of the anchors' tokens inside their dropout masks.
-
-    k, v (R, N, C); anchor_rows (A,) row indices; dropout_masks (A, N) bool.
-    Returns k_shared, v_shared (M, C) (anchor by anchor, row-major) and owner (M,), the anchor
-    index each token came from.
-    """
-    masks = dropout_masks.to(k.device)
-    owner = torch.arange(masks.shape[0], device=k.device)[:, None].expand_as(masks)[masks]
-    return k[anchor_rows][masks], v[anchor_rows][masks], owner
+def shared_token_index(dropout_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices (into A * N) of the anchors' tokens inside their dropout masks (A, N), anchor
+    by anchor in row-major order, and the anchor that owns each. Computed once per step and grid
+    (it is the only host sync SDSA needs), then reused by every layer of that grid."""
+    index = dropout_masks.reshape(-1).nonzero().squeeze(1)
+    return index, torch.div(index, dropout_masks.shape[1], rounding_mode="floor")
 
 
-def shared_visibility(owner: torch.Tensor, row_anchor: torch.Tensor) -> torch.Tensor | None:
-    """(R, M) bool: which shared tokens each row may attend to (never its own, as an anchor).
-
-    row_anchor (R,) is the anchor index of each row, -1 for non-anchors. None when every row
-    sees every token (no mask needed).
-    """
-    if bool((row_anchor < 0).all()):
-        return None
-    return owner[None, :] != row_anchor[:, None]
+def gather_shared_tokens(x: torch.Tensor, n_anchors: int, index: torch.Tensor) -> torch.Tensor:
+    """The anchors' rows of x (R, N, C) (the first `n_anchors` rows) at flat `index` -> (M, C)."""
+    return x[:n_anchors].reshape(-1, x.shape[-1]).index_select(0, index)
 
 
 def shared_self_attention(
@@ -62,13 +50,14 @@ def shared_self_attention(
     v: torch.Tensor,
     k_shared: torch.Tensor,
     v_shared: torch.Tensor,
-    visible: torch.Tensor | None,
     heads: int,
+    hidden: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SDSA: each row attends to all of its own tokens plus the shared tokens it may see.
+    """SDSA: each row attends to all of its own tokens plus the shared tokens.
 
-    q, k, v (R, N, C); k_shared, v_shared (M, C); visible (R, M) bool or None (all visible).
-    One softmax over the union of tokens, per head.
+    q, k, v (R, N, C); k_shared, v_shared (M, C). `hidden` (A, M) bool marks, for the first A
+    rows (the anchors of a batch), the shared tokens they must not see (their own); the other
+    rows see every shared token. One softmax over the union of tokens, per head.
     """
     r, n, _ = k.shape
     m = k_shared.shape[0]
@@ -76,21 +65,16 @@ def shared_self_attention(
         return attention(q, k, v, heads)
     keys = torch.cat([k, k_shared.to(k.dtype).expand(r, m, -1)], dim=1)
     values = torch.cat([v, v_shared.to(v.dtype).expand(r, m, -1)], dim=1)
-    if visible is None:
+    if hidden is None:
         return attention(q, keys, values, heads)
-    # Only anchor rows need a mask (to hide their own shared copy); the other rows keep the
-    # unmasked kernel, which is the fast one on GPUs.
-    visible = visible.to(k.device)
-    masked = ~visible.all(dim=1)
-    out = torch.empty_like(q)
-    if bool((~masked).any()):
-        free = ~masked
-        out[free] = attention(q[free], keys[free], values[free], heads)
-    if bool(masked.any()):
-        own = torch.ones(int(masked.sum()), n, dtype=torch.bool, device=k.device)
-        mask = torch.cat([own, visible[masked]], dim=1)[:, None, None, :]  # (rows, 1, 1, N + M)
-        out[masked] = attention(q[masked], keys[masked], values[masked], heads, mask)
-    return out
+    a = hidden.shape[0]
+    # Only the anchor rows need a mask; the other rows keep the unmasked kernel, the fast one.
+    own = torch.ones(a, n, dtype=torch.bool, device=k.device)
+    mask = torch.cat([own, ~hidden], dim=1)[:, None, None, :]  # (A, 1, 1, N + M)
+    parts = [attention(q[:a], keys[:a], values[:a], heads, mask)]
+    if r > a:
+        parts.append(attention(q[a:], keys[a:], values[a:], heads))
+    return torch.cat(parts)
 
 
 def mix_queries(q: torch.Tensor, q_vanilla: torch.Tensor, strength: float) -> torch.Tensor:

@@ -74,6 +74,7 @@ def test_an_anchor_does_not_attend_to_its_own_shared_copy(layer):
         assert (processor(attn, changed)[[0, 2]] - shared[[0, 2]]).abs().max() > 1e-3
         # With anchor 1 sharing nothing, anchor 0 sees only itself: plain self-attention.
         processor.state.dropout_masks["fine"][1] = False
+        processor.state.step = 2  # masks are fixed within a step; a new step picks the change up
         alone = processor(attn, hidden)[[0, 2]]
         processor.state.sdsa_active = False
         processor.state.inject_active = False
