@@ -53,9 +53,22 @@ class AnchorCache:
     # --- recording (used while the anchors are generated) ---
     def _store(self, key: str, tensor: torch.Tensor) -> None:
         t = tensor.detach()
-        if self.storage_device is not None:
-            t = t.to(self.storage_device)
+        if self.storage_device is not None and torch.device(self.storage_device) != t.device:
+            if t.device.type == "cuda" and torch.device(self.storage_device).type == "cpu":
+                # Pinned target + non_blocking: the copy overlaps the denoising loop instead of
+                # stalling the GPU at every layer; `_settle` waits once before the data is read.
+                pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                pinned.copy_(t, non_blocking=True)
+                self._copies_pending = True
+                t = pinned
+            else:
+                t = t.to(self.storage_device)
         self.tensors[key] = t.contiguous()
+
+    def _settle(self) -> None:
+        if getattr(self, "_copies_pending", False):
+            torch.cuda.synchronize()
+            self._copies_pending = False
 
     def put_shared(self, pass_index: int, layer: str, step: int, half: int, k: torch.Tensor, v: torch.Tensor) -> None:
         base = f"shared/p{pass_index}/s{step}/h{half}/{layer}"
@@ -73,13 +86,18 @@ class AnchorCache:
 
     # --- replay (used while new images are generated) ---
     def _fetch(self, key: str, device) -> torch.Tensor:
+        self._settle()
         try:
             tensor = self.tensors[key]
         except KeyError:
             raise AnchorCacheError(
                 f"the anchor cache has no tensor {key!r}: it was made with a different config or model"
             ) from None
-        return tensor.to(device, non_blocking=True) if device is not None else tensor
+        if device is None:
+            return tensor
+        # Asynchronous only host -> GPU (from pinned memory it overlaps compute); a copy towards
+        # the host must complete before the host reads it.
+        return tensor.to(device, non_blocking=torch.device(device).type == "cuda")
 
     def shared(self, pass_index: int, layer: str, step: int, half: int, device=None):
         base = f"shared/p{pass_index}/s{step}/h{half}/{layer}"
@@ -106,8 +124,16 @@ class AnchorCache:
 
     def to(self, device) -> "AnchorCache":
         """A copy with every tensor on `device` (e.g. "cpu" to keep the cache off the GPU)."""
+        self._settle()
         moved = {k: v.to(device) for k, v in self.tensors.items()}
         return AnchorCache(**{**self._fields(), "tensors": moved})
+
+    def pin_memory(self) -> "AnchorCache":
+        """A copy in page-locked host memory: replay on a GPU then copies each layer's tensors
+        asynchronously, overlapping the denoising work, instead of stalling at every layer."""
+        self._settle()
+        pinned = {k: v.cpu().pin_memory() for k, v in self.tensors.items()}
+        return AnchorCache(**{**self._fields(), "tensors": pinned})
 
     def _fields(self) -> dict[str, Any]:
         return {
@@ -126,6 +152,7 @@ class AnchorCache:
         return {"format": FORMAT, "format_version": str(FORMAT_VERSION), "consistory": json.dumps(values)}
 
     def to_bytes(self) -> bytes:
+        self._settle()
         return st_save({k: v.cpu() for k, v in self.tensors.items()}, metadata=self.metadata())
 
     @classmethod

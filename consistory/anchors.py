@@ -32,24 +32,24 @@ class LiveAnchors:
         self._index: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._bank_index: torch.Tensor | None = None
 
-    def _shared_index(self, state: "RunState", grid: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(flat token index, hidden (A, M)) for this step and grid, computed once for all layers."""
+    uses_dropout = True  # the anchors' dropout masks decide what they share
+
+    def _shared_index(self, state: "RunState", grid: str, device) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """(flat token index, each anchor's block) for this step and grid, once for all layers."""
         key = (state.pass_index, state.step)
         if key != self._index_key:
             self._index_key, self._index = key, {}
         if grid not in self._index:
-            index, owner = shared_token_index(state.dropout_masks[grid][: self.n_anchors].to(device))
-            hidden = owner[None, :] == torch.arange(self.n_anchors, device=device)[:, None]  # own tokens
-            self._index[grid] = (index, hidden)
+            self._index[grid] = shared_token_index(state.dropout_masks[grid][: self.n_anchors].to(device))
         return self._index[grid]
 
     def shared_tokens(self, state: "RunState", layer: str, half: int, k: torch.Tensor, v: torch.Tensor, grid: str):
-        index, hidden = self._shared_index(state, grid, k.device)
+        index, blocks = self._shared_index(state, grid, k.device)
         k_shared = gather_shared_tokens(k, self.n_anchors, index)
         v_shared = gather_shared_tokens(v, self.n_anchors, index)
         if self.recorder is not None:
             self.recorder.put_shared(state.pass_index, layer, state.step, half, k_shared, v_shared)
-        return k_shared, v_shared, hidden
+        return k_shared, v_shared, blocks
 
     def injection_bank(self, state: "RunState", layer: str, out_cond: torch.Tensor) -> torch.Tensor:
         if self._bank_index is None:  # the pass-1 subject masks are fixed for all of pass 2
@@ -73,6 +73,8 @@ class LiveAnchors:
 
 class CachedAnchors:
     """Anchors replayed from an `AnchorCache`; the batch holds only new images."""
+
+    uses_dropout = False  # new images share nothing: their dropout masks would go unused
 
     def __init__(self, cache: "AnchorCache", n_images: int) -> None:
         self.cache = cache

@@ -31,12 +31,13 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tenso
     return scores.softmax(dim=-1)
 
 
-def shared_token_index(dropout_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat indices (into A * N) of the anchors' tokens inside their dropout masks (A, N), anchor
-    by anchor in row-major order, and the anchor that owns each. Computed once per step and grid
-    (it is the only host sync SDSA needs), then reused by every layer of that grid."""
-    index = dropout_masks.reshape(-1).nonzero().squeeze(1)
-    return index, torch.div(index, dropout_masks.shape[1], rounding_mode="floor")
+def shared_token_index(masks: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Flat indices (into A * N) of the anchors' tokens inside their masks (A, N), anchor by
+    anchor in row-major order, and each anchor's [start, end) block among them. Computed once
+    per step and grid (the only host sync SDSA needs), then reused by every layer of that grid."""
+    index = masks.reshape(-1).nonzero().squeeze(1)
+    ends = masks.sum(dim=1).cumsum(0).tolist()
+    return index, list(zip([0] + ends[:-1], ends))
 
 
 def gather_shared_tokens(x: torch.Tensor, n_anchors: int, index: torch.Tensor) -> torch.Tensor:
@@ -51,29 +52,32 @@ def shared_self_attention(
     k_shared: torch.Tensor,
     v_shared: torch.Tensor,
     heads: int,
-    hidden: torch.Tensor | None = None,
+    anchor_blocks: list[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """SDSA: each row attends to all of its own tokens plus the shared tokens.
 
-    q, k, v (R, N, C); k_shared, v_shared (M, C). `hidden` (A, M) bool marks, for the first A
-    rows (the anchors of a batch), the shared tokens they must not see (their own); the other
-    rows see every shared token. One softmax over the union of tokens, per head.
+    q, k, v (R, N, C); k_shared, v_shared (M, C). `anchor_blocks` gives, for the first A rows
+    (the anchors of a batch), the [start, end) block of shared tokens that is their own and that
+    they must not see; the other rows see every shared token. One softmax over the union of
+    tokens, per head. No attention mask is ever built, so the fastest kernel always applies.
     """
-    r, n, _ = k.shape
-    m = k_shared.shape[0]
-    if m == 0:
+    r = k.shape[0]
+    if k_shared.shape[0] == 0:
         return attention(q, k, v, heads)
-    keys = torch.cat([k, k_shared.to(k.dtype).expand(r, m, -1)], dim=1)
-    values = torch.cat([v, v_shared.to(v.dtype).expand(r, m, -1)], dim=1)
-    if hidden is None:
-        return attention(q, keys, values, heads)
-    a = hidden.shape[0]
-    # Only the anchor rows need a mask; the other rows keep the unmasked kernel, the fast one.
-    own = torch.ones(a, n, dtype=torch.bool, device=k.device)
-    mask = torch.cat([own, ~hidden], dim=1)[:, None, None, :]  # (A, 1, 1, N + M)
-    parts = [attention(q[:a], keys[:a], values[:a], heads, mask)]
+    blocks = anchor_blocks or []
+    parts = []
+    for a, (start, end) in enumerate(blocks):
+        k_other = torch.cat([k_shared[:start], k_shared[end:]]).to(k.dtype)
+        v_other = torch.cat([v_shared[:start], v_shared[end:]]).to(v.dtype)
+        keys = torch.cat([k[a : a + 1], k_other[None]], dim=1)
+        values = torch.cat([v[a : a + 1], v_other[None]], dim=1)
+        parts.append(attention(q[a : a + 1], keys, values, heads))
+    a = len(blocks)
     if r > a:
-        parts.append(attention(q[a:], keys[a:], values[a:], heads))
+        m = k_shared.shape[0]
+        keys = torch.cat([k[a:], k_shared.to(k.dtype).expand(r - a, m, -1)], dim=1)
+        values = torch.cat([v[a:], v_shared.to(v.dtype).expand(r - a, m, -1)], dim=1)
+        parts.append(attention(q[a:], keys, values, heads))
     return torch.cat(parts)
 
 

@@ -53,7 +53,9 @@ class ConsiStoryConfig:
     freeu_b2: float = 1.2
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = self._type_problems()
+        if problems:
+            raise ValueError("invalid ConsiStoryConfig: " + "; ".join(problems))
         if self.num_inference_steps < 1:
             problems.append(f"num_inference_steps must be >= 1 (got {self.num_inference_steps})")
         for name in ("height", "width"):
@@ -70,8 +72,26 @@ class ConsiStoryConfig:
             problems.append(f"injection_alpha must be in [0, 1] (got {self.injection_alpha})")
         if self.guidance_scale < 0:
             problems.append(f"guidance_scale must be >= 0 (got {self.guidance_scale})")
+        for name in ("query_mix_divisor", "injection_start_divisor", "injection_end_divisor"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.dift_kernel_size < 1 or self.dift_kernel_size % 2 == 0:
+            problems.append(f"dift_kernel_size must be odd and positive (got {self.dift_kernel_size})")
+        if self.dift_sigma <= 0:
+            problems.append(f"dift_sigma must be > 0 (got {self.dift_sigma})")
+        if self.otsu_bins < 2:
+            problems.append(f"otsu_bins must be >= 2 (got {self.otsu_bins})")
         if problems:
             raise ValueError("invalid ConsiStoryConfig: " + "; ".join(problems))
+
+    def _type_problems(self) -> list[str]:
+        problems = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            expected = {"bool": bool, "int": int, "float": (int, float)}[f.type]
+            if isinstance(value, bool) and f.type != "bool" or not isinstance(value, expected):
+                problems.append(f"{f.name} must be of type {f.type} (got {value!r})")
+        return problems
 
     # --- schedules derived from the step count ---
     @property

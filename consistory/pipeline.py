@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
@@ -37,6 +38,8 @@ class ConsiStoryPipeline:
         self.model_id = model_id or getattr(sdxl, "name_or_path", None) or sdxl.__class__.__name__
         self.progress_bar = True
         self._fingerprint: str | None = None
+        # Generation swaps the UNet's processors: one generation at a time per pipeline.
+        self._lock = threading.Lock()
 
     # --- construction ---
     @classmethod
@@ -87,7 +90,9 @@ class ConsiStoryPipeline:
             unet = self.sdxl.unet
             public = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
             digest = hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode())
-            digest.update(unet.conv_in.weight.detach().to("cpu", torch.float16).numpy().tobytes())
+            for weight in _fingerprint_weights(self.sdxl):
+                sample = weight.detach().reshape(-1)[:: max(1, weight.numel() // 4096)]
+                digest.update(sample.to("cpu", torch.float16).numpy().tobytes())
             self._fingerprint = digest.hexdigest()[:16]
         return self._fingerprint
 
@@ -107,7 +112,7 @@ class ConsiStoryPipeline:
         """All prompts in one batch; the first `config.n_anchors` images are the anchors (all of
         them when there are fewer prompts than that)."""
         config = config or self.default_config()
-        prompts = list(prompts)
+        prompts, subjects = text_list(prompts, "prompts"), text_list(subjects, "subjects")
         seeds = consecutive_seeds(seed, len(prompts))
         anchors = LiveAnchors(min(config.n_anchors, len(prompts)), len(prompts))
         return self._generate(prompts, subjects, seeds, config, latents, anchors, output_type)
@@ -126,7 +131,7 @@ class ConsiStoryPipeline:
         e.g. "cpu" to keep it off the GPU). Every prompt is an anchor: the cache's config has
         `n_anchors = len(anchor_prompts)`."""
         config = config or self.default_config()
-        prompts = list(anchor_prompts)
+        prompts, subjects = text_list(anchor_prompts, "anchor_prompts"), text_list(subjects, "subjects")
         if len(prompts) != config.n_anchors:
             config = config.replace(n_anchors=len(prompts))
         seeds = consecutive_seeds(seed, len(prompts))
@@ -159,7 +164,7 @@ class ConsiStoryPipeline:
         """
         config = config or cache.config
         cache.check_compatible(self.model_fingerprint, config)
-        prompts = list(prompts)
+        prompts = text_list(prompts, "prompts")
         if seeds is None:
             seeds = consecutive_seeds(cache.seeds[0] + cache.n_anchors, len(prompts))
         seeds = check_seeds(list(seeds))
@@ -170,16 +175,21 @@ class ConsiStoryPipeline:
 
     # --- the shared path ---
     def _generate(self, prompts, subjects, seeds, config, latents, anchors, output_type) -> StoryOutput:
+        with self._lock:
+            return self._generate_locked(prompts, subjects, seeds, config, latents, anchors, output_type)
+
+    def _generate_locked(self, prompts, subjects, seeds, config, latents, anchors, output_type) -> StoryOutput:
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent' (got {output_type!r})")
         sdxl = self.sdxl
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        tokens = find_subject_tokens(sdxl.tokenizer, prompts, list(subjects))
+        tokens = find_subject_tokens(sdxl.tokenizer, prompts, subjects)
         grids = Grids.for_image(config.height, config.width, sdxl.vae_scale_factor)
         latents = self._initial_latents(seeds, grids, latents)
         scheduler = type(sdxl.scheduler).from_config(sdxl.scheduler.config)
         scheduler.set_timesteps(config.num_inference_steps, device=self.device)
+        latents = latents * scheduler.init_noise_sigma  # 1 for DDIM; not for e.g. Euler
         state = RunState(
             config=config,
             grids=grids,
@@ -244,3 +254,31 @@ class ConsiStoryPipeline:
             yield bar.update
         finally:
             bar.close()
+
+
+def _fingerprint_weights(sdxl) -> list[torch.Tensor]:
+    """A few weights spread over the UNet and the text encoders, so that fine-tunes (LoRA fused
+    into attention, say) change the fingerprint, not only a different base model."""
+    unet = sdxl.unet
+    attention = [
+        weight
+        for name, module in unet.named_modules()
+        if name.endswith(("attn1", "attn2")) and name.startswith(("up_blocks", "mid_block"))
+        for weight in (module.to_k.weight, module.to_v.weight)
+    ]
+    picks = [unet.conv_in.weight, unet.conv_out.weight] + attention[:: max(1, len(attention) // 8)]
+    for encoder in (sdxl.text_encoder, sdxl.text_encoder_2):
+        if encoder is not None:
+            picks.append(encoder.get_input_embeddings().weight)
+    return picks
+
+
+def text_list(values, name: str) -> list[str]:
+    """A list of non-empty strings; a bare string is refused rather than split into letters."""
+    if isinstance(values, str):
+        raise TypeError(f"{name} must be a list of strings, not a single string: use [{values!r}]")
+    values = list(values)
+    bad = [v for v in values if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"{name} must be strings (got {bad[0]!r})")
+    return values

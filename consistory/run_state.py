@@ -70,10 +70,9 @@ class RunState:
         self.sdsa_active = cfg.sdsa and step >= 1
         self.inject_active = self.pass_index == 2 and cfg.feature_injection and step in cfg.injection_steps()
         self.capture_dift = self.pass_index == 1 and cfg.feature_injection and step == self.dift_step
-        if self.sdsa_active:
+        if self.sdsa_active and self.anchors.uses_dropout:
             # Masks at step i come from the cross-attention aggregate through step i - 1.
-            masks = self.current_masks()
-            self.dropout_masks = self.dropout(masks, GRID_ORDER)
+            self.dropout_masks = self.dropout(self.current_masks(), GRID_ORDER)
 
     def current_masks(self) -> dict[str, torch.Tensor]:
         maps = self.window.aggregate()

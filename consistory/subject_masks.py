@@ -43,6 +43,11 @@ class CrossAttentionWindow:
     def aggregate(self) -> torch.Tensor:
         """(B, S, N): the mean over layers and kept records."""
         records = [r for layer in self._records.values() for r in layer]
+        if not records:
+            raise RuntimeError(
+                "no cross-attention maps were recorded on the coarse grid (h/4 x w/4): the UNet "
+                "needs SDXL's cross-attention blocks at that resolution"
+            )
         return torch.stack(records).mean(dim=0)
 
 

@@ -35,27 +35,36 @@ def _pieces(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _find_run(haystack: Sequence[int], needle: Sequence[int]) -> list[int]:
-    """Positions of every occurrence of the contiguous run `needle` in `haystack`."""
+def _find_run(haystack: Sequence[int], needle: Sequence[int], word_starts: Sequence[bool]) -> list[int]:
+    """Positions of every occurrence of the contiguous run `needle` in `haystack` that begins a
+    word (so "dog" is not found at the end of "hotdog")."""
     n = len(needle)
     found: list[int] = []
     if n == 0:
         return found
     for start in range(len(haystack) - n + 1):
-        if list(haystack[start : start + n]) == list(needle):
+        if word_starts[start] and list(haystack[start : start + n]) == list(needle):
             found.extend(range(start, start + n))
     return found
 
 
+def _word_starts(tokenizer, ids: Sequence[int]) -> list[bool]:
+    """Whether each token begins a word: CLIP's BPE marks the last piece of a word with </w>."""
+    tokens = tokenizer.convert_ids_to_tokens(list(ids))
+    special = set(tokenizer.all_special_tokens)
+    return [i == 0 or tokens[i - 1] in special or tokens[i - 1].endswith("</w>") for i in range(len(tokens))]
+
+
 def _subject_positions(tokenizer, prompt_ids: Sequence[int], subject: str) -> tuple[int, ...]:
-    whole = _find_run(prompt_ids, _pieces(tokenizer, subject))
+    starts = _word_starts(tokenizer, prompt_ids)
+    whole = _find_run(prompt_ids, _pieces(tokenizer, subject), starts)
     if whole:
         return tuple(sorted(set(whole)))
     # A phrase worded differently in the prompt ("the hat of a wizard" for "wizard hat"):
     # use whichever of the subject's words do occur.
     words: list[int] = []
     for word in subject.split():
-        words.extend(_find_run(prompt_ids, _pieces(tokenizer, word)))
+        words.extend(_find_run(prompt_ids, _pieces(tokenizer, word), starts))
     return tuple(sorted(set(words)))
 
 

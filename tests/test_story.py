@@ -112,3 +112,32 @@ def test_processors_and_freeu_are_restored_even_on_error(tiny_pipe):
     assert {k: type(v) for k, v in unet.attn_processors.items()} == before
     assert all(getattr(block, "b1", None) is None for block in unet.up_blocks)
     assert not unet.up_blocks[0]._forward_hooks
+
+
+def test_a_wrapped_pipeline_keeps_its_own_scheduler(tiny_pipe):
+    from diffusers import EulerDiscreteScheduler
+
+    from consistory import ConsiStoryPipeline
+
+    sdxl = tiny_pipe.sdxl
+    euler = EulerDiscreteScheduler.from_config(sdxl.scheduler.config)
+    ddim = sdxl.scheduler
+    try:
+        sdxl.scheduler = euler  # init_noise_sigma > 1: the initial latents must be scaled
+        wrapped = ConsiStoryPipeline.from_sdxl(sdxl)
+        wrapped.set_progress_bar_config(disable=True)
+        config = vanilla_config(num_inference_steps=3, height=64, width=64)
+        latents = initial_latents([5], (4, 8, 8), torch.float32, "cpu")
+        ours = wrapped.generate_story(PROMPTS[:1], SUBJECTS, config=config, latents=latents, output_type="np")
+        theirs = sdxl(PROMPTS[:1], num_inference_steps=3, height=64, width=64, guidance_scale=5.0,
+                      latents=latents.clone(), output_type="np").images
+    finally:
+        sdxl.scheduler = ddim
+    assert np.abs(ours.images - theirs).max() <= 1e-4
+
+
+def test_a_bare_string_is_not_split_into_letters(tiny_pipe):
+    with pytest.raises(TypeError, match=r"\['dog'\]"):
+        tiny_pipe.generate_story(ANCHORS, "dog", config=CONFIG)
+    with pytest.raises(TypeError, match="prompts"):
+        tiny_pipe.generate_story("a dog", SUBJECTS, config=CONFIG)

@@ -42,6 +42,14 @@ def test_phrase_and_reworded_phrase(tokenizer):
     assert tokens.present.tolist() == [[True, False], [False, True]]
 
 
+def test_a_subject_is_not_found_inside_a_longer_word(tokenizer):
+    tokens = find_subject_tokens(tokenizer, ["a hotdog next to a dog"], ["dog"])
+    (positions,) = tokens.positions[0]
+    assert _pieces(tokenizer, "a hotdog next to a dog", positions) == "dog"
+    with pytest.raises(ValueError, match="hotdog"):
+        find_subject_tokens(tokenizer, ["a hotdog on a plate"], ["dog"])
+
+
 def test_a_prompt_without_any_subject_is_rejected_by_name(tokenizer):
     with pytest.raises(ValueError, match="a cat on a sofa") as info:
         find_subject_tokens(tokenizer, ["a dog in the park", "a cat on a sofa"], ["dog"])
