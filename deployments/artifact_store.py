@@ -257,6 +257,9 @@ class S3ArtifactStore(ArtifactStore):
             # "<bucket>.<host>", so path-style is the safe default for them.
             style = addressing_style or ("path" if self.endpoint_url else None)
             config = Config(
+                # SigV4 for presigned URLs too: botocore may otherwise presign with SigV2,
+                # which regions opened since 2014 (and many S3-compatible servers) refuse.
+                signature_version="s3v4",
                 retries={"mode": "standard", "max_attempts": 5},
                 s3={"addressing_style": style} if style else None,
             )

@@ -1,0 +1,27 @@
+"""The application builder: `import_path: deployments.app:build_app` in serve_config.yaml.
+
+`args` (a mapping) are the ServiceSettings; each deployment's Serve options (CPUs, GPUs,
+replicas, autoscaling, queue bounds) come from them too, so one file says how the service runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from ray.serve import Application
+
+from .anchor_stage import AnchorStage
+from .generator import Generator
+from .ingress import Ingress
+from .settings import ServiceSettings
+
+
+def build_app(args: Optional[dict[str, Any]] = None) -> Application:
+    settings = ServiceSettings.from_args(args)
+    shared = settings.model_dump(mode="json")  # plain data: what each replica is built from
+    wait = settings.retry_after_s
+    anchor_stage = AnchorStage.options(
+        **settings.anchor_stage.deployment_options(wait)
+    ).bind(shared)
+    generator = Generator.options(**settings.generator.deployment_options(wait)).bind(shared)
+    return Ingress.options(**settings.ingress.deployment_options(wait)).bind(anchor_stage, generator, shared)

@@ -1,0 +1,69 @@
+"""Loading the ConsiStory pipeline inside a model replica, as the settings say."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable, TypeVar
+
+from .settings import PRESET_PREFIX, ServiceSettings, preset_name_and_seed
+
+logger = logging.getLogger("ray.serve")
+T = TypeVar("T")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        # SDXL in fp16 is the norm on GPUs; CPUs lack fast half-precision kernels.
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_pipeline(settings: ServiceSettings):
+    """The pipeline on its device with progress bars off (replica logs are not terminals)."""
+    import torch
+
+    from consistory import ConsiStoryPipeline
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    if settings.model.startswith(PRESET_PREFIX):
+        name, seed = preset_name_and_seed(settings.model)
+        pipe = ConsiStoryPipeline.from_preset(name, seed=seed, torch_dtype=dtype, device=device)
+    else:
+        kwargs: dict[str, Any] = {"torch_dtype": dtype}
+        if settings.variant:
+            kwargs["variant"] = settings.variant
+        pipe = ConsiStoryPipeline.from_pretrained(settings.model, **kwargs).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    logger.info("loaded %s on %s (%s)", pipe.model_id, device, dtype)
+    return pipe
+
+
+class PipelineRunner:
+    """Runs pipeline calls one at a time, off the replica's event loop.
+
+    The pipeline installs its attention processors on the shared UNet for the length of a call,
+    so two calls on one pipeline must never overlap; running them in a worker thread keeps the
+    replica answering health checks and routing-info pushes meanwhile.
+    """
+
+    def __init__(self, pipeline) -> None:
+        self.pipeline = pipeline
+        self._lock = asyncio.Lock()
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        async with self._lock:
+            return await asyncio.to_thread(fn, *args, **kwargs)

@@ -1,0 +1,116 @@
+"""How the Ingress calls the model deployments: retries, HTTP errors, ordered fan-out.
+
+Failures of a call map to answers a client can act on:
+  full queue (Serve's BackPressureError)         503 + Retry-After
+  deployment or replica gone (after retries)     503 + Retry-After
+  bad input found by the library (ValueError)    422 with the library's message
+  unknown subject (deleted meanwhile)            404
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import OrderedDict
+from typing import Any, Awaitable, Callable, Iterable, Optional, TypeVar
+
+from fastapi import HTTPException
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+from consistory.anchor_cache import AnchorCacheError
+
+from .subjects import UnknownSubject
+
+logger = logging.getLogger("ray.serve")
+T = TypeVar("T")
+
+# A replica that died mid-call (crash, scale-down, node loss) is replaced by Serve within
+# seconds; calls are idempotent (same subject id and seeds, same result), so retrying is safe.
+_ATTEMPTS = 3
+_BACKOFF_S = 1.0
+
+
+def original_error(error: BaseException) -> BaseException:
+    """The exception raised in the replica, without Ray's RayTaskError wrapper."""
+    if isinstance(error, RayTaskError) and getattr(error, "cause", None) is not None:
+        return error.cause
+    return error
+
+
+def unavailable(detail: str, retry_after_s: float) -> HTTPException:
+    return HTTPException(
+        status_code=503, detail=detail, headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+    )
+
+
+async def call(make: Callable[[], Awaitable[T]], what: str, retry_after_s: float) -> T:
+    """Await `make()` (a handle call), retrying on lost replicas and mapping errors to HTTP."""
+    for attempt in range(1, _ATTEMPTS + 1):
+        try:
+            return await make()
+        except BackPressureError as error:
+            wait = error.retry_after_s if error.retry_after_s is not None else retry_after_s
+            raise unavailable(f"the {what} is at capacity ({error.message}); retry later", wait) from None
+        except DeploymentUnavailableError:
+            raise unavailable(f"the {what} is not running; retry later", retry_after_s) from None
+        except (RayActorError, ReplicaUnavailableError) as error:
+            if attempt == _ATTEMPTS:
+                raise unavailable(f"the {what} lost its worker {attempt} times; retry later", retry_after_s) from None
+            logger.warning("%s call failed on a lost replica (%s); retrying", what, type(error).__name__)
+            await asyncio.sleep(_BACKOFF_S * attempt)
+        except RayTaskError as error:
+            raise _from_replica(original_error(error), what) from None
+    raise AssertionError("unreachable")
+
+
+def _from_replica(cause: BaseException, what: str) -> HTTPException:
+    if isinstance(cause, UnknownSubject):
+        return HTTPException(status_code=404, detail=str(cause))
+    if isinstance(cause, ValueError) and not isinstance(cause, AnchorCacheError):
+        return HTTPException(status_code=422, detail=str(cause))
+    logger.error("%s failed: %r", what, cause)
+    return HTTPException(status_code=500, detail=f"the {what} failed: {type(cause).__name__}: {cause}")
+
+
+async def gather_in_order(awaitables: Iterable[Awaitable[T]]) -> list[T]:
+    """Results in the given order; on the first failure the others are cancelled, so a failed
+    request does not keep replicas busy with images nobody will receive."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+class CacheRefs:
+    """The anchor caches' ObjectRefs this Ingress holds, newest last, at most `capacity`.
+
+    Holding a ref keeps its object in Ray's object store; dropping old ones bounds that memory.
+    A subject whose ref was dropped (or lost with its owner) is loaded from the artifact store.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._refs: OrderedDict[str, list[Any]] = OrderedDict()
+
+    def put(self, subject_id: str, refs: list[Any]) -> None:
+        if self.capacity <= 0:
+            return
+        self._refs[subject_id] = refs
+        self._refs.move_to_end(subject_id)
+        while len(self._refs) > self.capacity:
+            self._refs.popitem(last=False)
+
+    def get(self, subject_id: str) -> Optional[list[Any]]:
+        refs = self._refs.get(subject_id)
+        if refs is not None:
+            self._refs.move_to_end(subject_id)
+        return refs
+
+    def drop(self, subject_id: str) -> None:
+        self._refs.pop(subject_id, None)

@@ -1,0 +1,92 @@
+"""The v1 HTTP API's request and response bodies (field names as in ARCHITECTURE.md).
+
+Shape checks live here (types, signs, unknown fields); checks that depend on the service's
+configured limits or on a stored subject live in `checks.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from consistory.seeds import MAX_SEED
+
+from .subjects import SubjectRecord
+
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+ResponseFormat = Literal["url", "b64_json"]
+
+_PROMPTS = "Prompts, in order; each must contain at least one of the subject words."
+_SUBJECTS = "Subject words or phrases kept consistent across images, e.g. [\"corgi\"]."
+_FORMAT = "\"url\" (default): each image as a URL; \"b64_json\": each image as base64 PNG."
+
+
+class _Body(BaseModel):
+    # A misspelt field ("prompt", "num_steps") is an error, not a silently used default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class SamplingFields(_Body):
+    """Optional sampling settings; where left out, the service's configured defaults apply."""
+
+    seed: Optional[Seed] = Field(None, description="Image i gets seed + i; random when left out.")
+    steps: Optional[int] = Field(None, ge=1, description="Denoising steps.")
+    height: Optional[int] = Field(None, description="Image height in pixels, a multiple of 8.")
+    width: Optional[int] = Field(None, description="Image width in pixels, a multiple of 8.")
+    guidance_scale: Optional[float] = Field(None, ge=0, description="Classifier-free guidance scale.")
+    mask_dropout: Optional[float] = Field(None, ge=0, le=1, description="Subject-mask dropout of SDSA.")
+    response_format: ResponseFormat = Field("url", description=_FORMAT)
+
+
+class StoryRequest(SamplingFields):
+    prompts: list[str] = Field(..., min_length=1, description=_PROMPTS + " The first n_anchors are the anchors.")
+    subjects: list[str] = Field(..., min_length=1, description=_SUBJECTS)
+    n_anchors: Optional[int] = Field(None, ge=1, description="How many leading prompts are anchors.")
+
+
+class SubjectRequest(SamplingFields):
+    prompts: list[str] = Field(..., min_length=1, description="The anchor prompts. " + _PROMPTS)
+    subjects: list[str] = Field(..., min_length=1, description=_SUBJECTS)
+
+
+class ImagesRequest(_Body):
+    prompts: list[str] = Field(..., min_length=1, description=_PROMPTS)
+    seeds: Optional[list[Seed]] = Field(
+        None, description="One seed per prompt; by default they continue the anchors' seeds."
+    )
+    response_format: ResponseFormat = Field("url", description=_FORMAT)
+
+
+class ImageOut(BaseModel):
+    index: int
+    prompt: str
+    seed: int
+    url: Optional[str] = None
+    b64_json: Optional[str] = None
+
+
+class ImagesResponse(BaseModel):
+    subject_id: str
+    images: list[ImageOut]
+    timings: dict[str, float]
+
+
+class SubjectOut(SubjectRecord):
+    """The subject record: enough to regenerate its anchors bit for bit."""
+
+
+class DeletedOut(BaseModel):
+    subject_id: str
+    deleted: bool
+
+
+class HealthOut(BaseModel):
+    status: str
+
+
+class ReadyOut(BaseModel):
+    status: str
+    model: str
+    store: str
+    replicas: dict[str, dict]

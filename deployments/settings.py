@@ -1,0 +1,165 @@
+"""Service settings: the builder's `args` (serve_config.yaml), validated once at build time.
+
+Everything a deployment needs to know travels as one `ServiceSettings`: the model to load, the
+request defaults and limits, the artifact store, the caches' bounds and each deployment's
+resources. A typo in the config fails `serve run` with the field's name, not a replica crash.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PRESET_PREFIX = "preset:"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RequestDefaults(_Strict):
+    """Values used where a request leaves a field out (the published method's, at 1024 px)."""
+
+    steps: int = Field(50, ge=1)
+    height: int = 1024
+    width: int = 1024
+    guidance_scale: float = Field(5.0, ge=0)
+    mask_dropout: float = Field(0.5, ge=0, le=1)
+    n_anchors: int = Field(2, ge=1)
+
+
+class RequestLimits(_Strict):
+    """Bounds on one request; they keep a single request from holding a GPU for minutes."""
+
+    max_prompts: int = Field(16, ge=1)
+    max_anchors: int = Field(4, ge=1)
+    max_subjects: int = Field(4, ge=1)
+    max_height: int = Field(1024, ge=32)
+    max_width: int = Field(1024, ge=32)
+    max_steps: int = Field(100, ge=1)
+    max_prompt_chars: int = Field(1000, ge=1)
+
+
+class DeploymentResources(_Strict):
+    """Serve options of one deployment. `min_replicas < max_replicas` turns on autoscaling on
+    ongoing requests; equal bounds give a fixed replica count."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(1.0, gt=0)
+    max_ongoing_requests: int = Field(2, ge=1)
+    # Requests waiting at each caller (proxy or handle) beyond this get 503 + Retry-After;
+    # -1 means unbounded, which under overload turns into hangs rather than answers.
+    max_queued_requests: int = Field(-1, ge=-1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "DeploymentResources":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+    def deployment_options(self, retry_after_s: float) -> dict[str, Any]:
+        """Keyword arguments for `Deployment.options(...)`."""
+        actor: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            actor["num_gpus"] = self.num_gpus
+        options: dict[str, Any] = {
+            "ray_actor_options": actor,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            # Serve adds Retry-After itself to the 503s it answers for a full queue.
+            "backpressure_config": {"status_code": 503, "retry_after_s": retry_after_s},
+        }
+        if self.min_replicas == self.max_replicas:
+            options["num_replicas"] = self.max_replicas
+        else:
+            options["autoscaling_config"] = {
+                "min_replicas": self.min_replicas,
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+            }
+        return options
+
+
+class ServiceSettings(_Strict):
+    # "preset:tiny" (offline random weights, optionally "preset:tiny:<seed>"), a hub id such as
+    # "stabilityai/stable-diffusion-xl-base-1.0", or a local directory.
+    model: str = "preset:tiny"
+    device: str = "auto"  # "auto" picks cuda when present
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
+    variant: Optional[str] = None  # e.g. "fp16" for SDXL base's half-precision weight files
+    torch_threads: Optional[int] = Field(None, ge=1)  # per model replica; None leaves torch's choice
+    # Extra ConsiStoryConfig fields applied to every request (e.g. {"freeu": false}).
+    method: dict[str, Any] = Field(default_factory=dict)
+    defaults: RequestDefaults = RequestDefaults()
+    limits: RequestLimits = RequestLimits()
+    # artifact_store_from_config settings; CONSISTORY_STORE* / CONSISTORY_S3_* env vars win.
+    store: dict[str, Any] = Field(default_factory=dict)
+    cache_lru_size: int = Field(4, ge=1)  # anchor caches kept per Generator replica
+    ingress_cache_refs: int = Field(64, ge=0)  # cache ObjectRefs the Ingress keeps alive
+    object_fetch_timeout_s: float = Field(60.0, gt=0)  # past this a cache is reloaded from the store
+    url_expires_s: int = Field(3600, ge=1, le=7 * 24 * 3600)
+    retry_after_s: float = Field(5.0, ge=0)
+    ready_timeout_s: float = Field(5.0, gt=0)
+    ingress: DeploymentResources = DeploymentResources(
+        num_cpus=0.1, max_ongoing_requests=64, max_queued_requests=256
+    )
+    anchor_stage: DeploymentResources = DeploymentResources(
+        num_cpus=1.0, max_ongoing_requests=4, max_queued_requests=32
+    )
+    generator: DeploymentResources = DeploymentResources(
+        num_cpus=1.0, min_replicas=1, max_replicas=2, max_ongoing_requests=2, max_queued_requests=128
+    )
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> "ServiceSettings":
+        d, lim = self.defaults, self.limits
+        for name, value, bound in (
+            ("steps", d.steps, lim.max_steps),
+            ("height", d.height, lim.max_height),
+            ("width", d.width, lim.max_width),
+            ("n_anchors", d.n_anchors, lim.max_anchors),
+        ):
+            if value > bound:
+                raise ValueError(f"defaults.{name} ({value}) is above its limit ({bound})")
+        self.base_config()  # the method's own checks (multiples of 8, ranges) at build time
+        return self
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any] | None) -> "ServiceSettings":
+        return cls.model_validate(dict(args or {}))
+
+    @property
+    def model_id(self) -> str:
+        """The id the library gives the loaded model (recorded in caches and subject records)."""
+        if self.model.startswith(PRESET_PREFIX):
+            name, seed = preset_name_and_seed(self.model)
+            return f"{PRESET_PREFIX}{name}:{seed}"
+        return self.model
+
+    def base_config(self):
+        """The ConsiStoryConfig of a request that sets nothing."""
+        from consistory.config import ConsiStoryConfig
+
+        d = self.defaults
+        return ConsiStoryConfig(
+            num_inference_steps=d.steps,
+            height=d.height,
+            width=d.width,
+            guidance_scale=d.guidance_scale,
+            mask_dropout=d.mask_dropout,
+            n_anchors=d.n_anchors,
+        ).replace(**self.method)
+
+
+def preset_name_and_seed(model: str) -> tuple[str, int]:
+    """"preset:tiny" -> ("tiny", 0); "preset:tiny:3" -> ("tiny", 3)."""
+    parts = model[len(PRESET_PREFIX):].split(":")
+    if len(parts) == 1:
+        return parts[0], 0
+    if len(parts) == 2 and parts[1].isdigit():
+        return parts[0], int(parts[1])
+    raise ValueError(f"model {model!r}: write a preset as 'preset:<name>' or 'preset:<name>:<seed>'")

@@ -1,0 +1,122 @@
+"""Subject records and where a subject's artifacts live in the store.
+
+A subject is what one anchor batch made: its record (subject words, anchor prompts, seeds,
+config, model) is enough to regenerate the anchors bit for bit (ALGORITHM.md section 9), so the
+record, not the cache, is the subject's source of truth. Keys:
+
+    subjects/<id>/record.json                 the record (written last: its presence means
+                                              the subject is complete)
+    subjects/<id>/anchor_cache.safetensors    the anchor cache
+    subjects/<id>/images/<request>/<i>.png    images, by request and prompt index
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from .artifact_store import ArtifactNotFound, ArtifactStore
+
+RECORD_FORMAT = "consistory.subject"
+RECORD_VERSION = 1
+_SUBJECT_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class UnknownSubject(KeyError):
+    """No subject record under this id (never created, deleted, or a malformed id)."""
+
+    def __init__(self, subject_id: str) -> None:
+        super().__init__(subject_id)
+        self.subject_id = subject_id
+
+    def __str__(self) -> str:
+        return (
+            f"no subject with id {self.subject_id!r}; create one with POST /v1/subjects "
+            "(or POST /v1/stories) and use the subject_id it returns"
+        )
+
+
+class SubjectRecord(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    subject_id: str
+    subjects: list[str]
+    prompts: list[str]  # the anchor prompts
+    seeds: list[int]  # one per anchor prompt: seed, seed + 1, ...
+    config: dict[str, Any]  # ConsiStoryConfig.to_dict()
+    model: str
+    created_at: float
+    cache_key: str
+    cache_nbytes: int
+    format: str = RECORD_FORMAT
+    version: int = RECORD_VERSION
+
+    @property
+    def n_anchors(self) -> int:
+        return len(self.prompts)
+
+    def default_seeds(self, count: int) -> list[int]:
+        """Seeds of new images when the request names none: they continue the anchors'."""
+        first = self.seeds[0] + self.n_anchors
+        return [first + j for j in range(count)]
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.model_dump(), indent=1, sort_keys=True).encode()
+
+
+def new_subject_id() -> str:
+    return uuid.uuid4().hex
+
+
+def new_request_id() -> str:
+    # Time first so a subject's image folders list in the order they were made.
+    return f"{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}"
+
+
+def is_subject_id(text: str) -> bool:
+    return bool(_SUBJECT_ID.match(text))
+
+
+def subject_prefix(subject_id: str) -> str:
+    return f"subjects/{subject_id}/"
+
+
+def record_key(subject_id: str) -> str:
+    return f"subjects/{subject_id}/record.json"
+
+
+def cache_key(subject_id: str) -> str:
+    return f"subjects/{subject_id}/anchor_cache.safetensors"
+
+
+def image_key(subject_id: str, request_id: str, index: int) -> str:
+    return f"subjects/{subject_id}/images/{request_id}/{index:03d}.png"
+
+
+def save_record(store: ArtifactStore, record: SubjectRecord) -> None:
+    store.put(record_key(record.subject_id), record.to_json(), "application/json")
+
+
+def load_record(store: ArtifactStore, subject_id: str) -> SubjectRecord:
+    if not is_subject_id(subject_id):
+        raise UnknownSubject(subject_id)
+    try:
+        data = store.get(record_key(subject_id))
+    except ArtifactNotFound:
+        raise UnknownSubject(subject_id) from None
+    return SubjectRecord.model_validate_json(data)
+
+
+def delete_subject(store: ArtifactStore, subject_id: str) -> int:
+    """Forget a subject: the record goes first, so nobody sees a subject without its files."""
+    if not is_subject_id(subject_id):
+        raise UnknownSubject(subject_id)
+    if not store.exists(record_key(subject_id)):
+        raise UnknownSubject(subject_id)
+    removed = store.delete_prefix(record_key(subject_id))
+    return removed + store.delete_prefix(subject_prefix(subject_id))

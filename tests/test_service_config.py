@@ -1,0 +1,64 @@
+"""The serve configs that start the service: valid for Ray Serve and for the app builder, and the
+KubeRay manifest embeds the cluster config unchanged. No Ray is started here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from ray.serve.schema import ServeDeploySchema
+
+from deployments.app import build_app
+from deployments.settings import ServiceSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = [ROOT / "serve_config.yaml", ROOT / "cluster" / "serve_config_gpu.yaml"]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_serve_config_is_valid_and_builds(path: Path) -> None:
+    config = yaml.safe_load(path.read_text())
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    assert app["import_path"] == "deployments.app:build_app"
+    ServiceSettings.from_args(app["args"])
+    build_app(app["args"])  # builds deployments only; no model is loaded
+
+
+def test_laptop_config_fits_two_cores() -> None:
+    args = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]
+    settings = ServiceSettings.from_args(args)
+    assert settings.model == "preset:tiny" and settings.store["kind"] == "local"
+    cpus = (
+        settings.ingress.num_cpus * settings.ingress.max_replicas
+        + settings.anchor_stage.num_cpus * settings.anchor_stage.max_replicas
+        + settings.generator.num_cpus * settings.generator.max_replicas
+    )
+    assert cpus <= 2
+    assert settings.generator.max_queued_requests >= settings.limits.max_prompts
+
+
+def test_rayservice_embeds_the_cluster_serve_config() -> None:
+    manifest = yaml.safe_load((ROOT / "cluster" / "rayservice.yaml").read_text())
+    assert manifest["kind"] == "RayService"
+    embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    assert embedded == yaml.safe_load((ROOT / "cluster" / "serve_config_gpu.yaml").read_text())
+    workers = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert any(
+        g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") for g in workers
+    )
+    gpu_settings = ServiceSettings.from_args(embedded["applications"][0]["args"])
+    assert gpu_settings.anchor_stage.num_gpus == gpu_settings.generator.num_gpus == 1
+
+
+def test_settings_errors_name_the_field() -> None:
+    with pytest.raises(ValidationError, match="stepz"):
+        ServiceSettings.from_args({"defaults": {"stepz": 3}})
+    with pytest.raises(ValidationError, match="above its limit"):
+        ServiceSettings.from_args({"defaults": {"height": 2048}})
+    with pytest.raises(ValidationError, match="multiple of 8"):
+        ServiceSettings.from_args({"defaults": {"height": 100}, "limits": {"max_height": 128}})
+    with pytest.raises(ValidationError, match="min_replicas"):
+        ServiceSettings.from_args({"generator": {"min_replicas": 3, "max_replicas": 2}})
