@@ -6,6 +6,7 @@ It mirrors `StableDiffusionXLPipeline.__call__` (CFG rows [uncond, cond], the sc
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -114,7 +115,7 @@ def decode_latents(pipe, latents: torch.Tensor, output_type: str):
     vae = pipe.vae
     needs_upcasting = vae.dtype == torch.float16 and vae.config.force_upcast
     if needs_upcasting:
-        vae.to(dtype=torch.float32)
+        _cast(vae, torch.float32)
     try:
         dtype = next(iter(vae.post_quant_conv.parameters())).dtype
         latents = latents.to(dtype)
@@ -129,7 +130,20 @@ def decode_latents(pipe, latents: torch.Tensor, output_type: str):
         images = torch.cat([vae.decode(latents[i : i + 1], return_dict=False)[0] for i in range(latents.shape[0])])
     finally:
         if needs_upcasting:
-            vae.to(dtype=torch.float16)
+            _cast(vae, torch.float16)
     if getattr(pipe, "watermark", None) is not None:
         images = pipe.watermark.apply_watermark(images)
     return pipe.image_processor.postprocess(images, output_type=output_type)
+
+
+def _cast(module, dtype: torch.dtype) -> None:
+    """Cast a diffusers model for decoding without its "keep in float32" warning, which it
+    prints on every dtype cast even when no module asks for float32."""
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        module.to(dtype=dtype)
+    finally:
+        logger.setLevel(level)
+

@@ -101,3 +101,19 @@ def test_cache_offloaded_to_cpu_replays_the_same(tiny_pipe, anchors, extension):
     offloaded = tiny_pipe.create_anchors(ANCHORS, SUBJECTS, seed=3, config=CONFIG, output_type="np", cache_device="cpu")
     again = tiny_pipe.generate_from_anchors(offloaded.cache.to("cpu"), NEW, output_type="np")
     assert np.abs(again.images - extension.images).max() <= TOL
+
+
+def test_half_precision_cache_keeps_the_model_dtype_and_equals_batch():
+    import torch
+
+    pipe = ConsiStoryPipeline.from_preset("tiny", torch_dtype=torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+    config = CONFIG.replace(width=64)
+    story = pipe.generate_story(ANCHORS + NEW[:1], SUBJECTS, seed=2, config=config, output_type="np")
+    made = pipe.create_anchors(ANCHORS, SUBJECTS, seed=2, config=config, output_type="np", cache_device="cpu")
+    cache = AnchorCache.from_bytes(made.cache.to_bytes())
+    assert cache.dtype == "float16"
+    assert {str(t.dtype) for k, t in cache.tensors.items() if k.startswith(("shared/", "inject/"))} == {"torch.float16"}
+    new = pipe.generate_from_anchors(cache, NEW[:1], output_type="np")
+    assert np.isfinite(new.images).all()
+    assert np.abs(new.images - story.images[2:]).max() <= 1e-3

@@ -1,0 +1,158 @@
+"""The S3 (or S3-compatible) artifact store.
+
+S3 credentials come only from boto3's normal chain (``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE`` and config files, instance or pod roles).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import ArtifactNotFound, ArtifactStore, validate_key, validate_prefix
+
+__all__ = ["S3ArtifactStore"]
+
+# SigV4 presigned URLs are valid for at most 7 days.
+_MAX_PRESIGN_EXPIRES_S = 7 * 24 * 3600
+# S3 DeleteObjects accepts at most 1000 keys per call.
+_DELETE_BATCH = 1000
+
+
+def _normalize_s3_prefix(prefix: str) -> str:
+    prefix = prefix.strip("/")
+    if not prefix:
+        return ""
+    validate_key(prefix)
+    return prefix + "/"
+
+
+class S3ArtifactStore(ArtifactStore):
+    """Artifacts as objects ``<prefix><key>`` in an S3 (or S3-compatible) bucket.
+
+    ``prefix`` is normalized to end with '/' (``"runs"`` -> ``"runs/"``).
+    ``url`` returns a presigned GET URL.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        client: Any = None,
+        addressing_style: str | None = None,
+    ) -> None:
+        if not bucket:
+            raise ValueError("S3ArtifactStore needs a bucket name")
+        if addressing_style not in (None, "auto", "path", "virtual"):
+            raise ValueError(
+                f"addressing_style must be 'auto', 'path' or 'virtual', got {addressing_style!r}"
+            )
+        self.bucket = bucket
+        self.prefix = _normalize_s3_prefix(prefix)
+        self.endpoint_url = endpoint_url or None
+        self.region = region or None
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            # S3-compatible servers behind a plain host name rarely resolve
+            # "<bucket>.<host>", so path-style is the safe default for them.
+            style = addressing_style or ("path" if self.endpoint_url else None)
+            config = Config(
+                # SigV4 for presigned URLs too: botocore may otherwise presign with SigV2,
+                # which regions opened since 2014 (and many S3-compatible servers) refuse.
+                signature_version="s3v4",
+                retries={"mode": "standard", "max_attempts": 5},
+                s3={"addressing_style": style} if style else None,
+            )
+            client = boto3.client(
+                "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config
+            )
+        self.client = client
+
+    def _object_key(self, key: str) -> str:
+        return self.prefix + validate_key(key)
+
+    @staticmethod
+    def _is_not_found(err: Exception) -> bool:
+        # By error code, not by HTTP status: NoSuchBucket is a 404 too, and a missing
+        # bucket is a configuration error, not a missing artifact. HEAD answers carry no
+        # body, so botocore reports their 404 as code "404".
+        code = str((getattr(err, "response", None) or {}).get("Error", {}).get("Code", ""))
+        return code in ("NoSuchKey", "404", "NotFound")
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        self.client.put_object(
+            Bucket=self.bucket, Key=self._object_key(key), Body=data, ContentType=content_type
+        )
+
+    def get(self, key: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))
+        except ClientError as err:
+            if self._is_not_found(err):
+                raise ArtifactNotFound(key) from None
+            raise
+        with response["Body"] as body:
+            return body.read()
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._object_key(key))
+        except ClientError as err:
+            if self._is_not_found(err):
+                return False
+            raise  # e.g. 403: a permissions problem must not read as "absent"
+        return True
+
+    def delete_prefix(self, prefix: str) -> int:
+        validate_prefix(prefix)
+        paginator = self.client.get_paginator("list_objects_v2")
+        removed = 0
+        batch: list[dict[str, str]] = []
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+            for obj in page.get("Contents", []):
+                batch.append({"Key": obj["Key"]})
+                if len(batch) == _DELETE_BATCH:
+                    removed += self._delete_batch(batch)
+                    batch = []
+        if batch:
+            removed += self._delete_batch(batch)
+        return removed
+
+    def _delete_batch(self, batch: list[dict[str, str]]) -> int:
+        response = self.client.delete_objects(
+            Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+        )
+        errors = response.get("Errors", [])
+        if errors:
+            first = errors[0]
+            raise RuntimeError(
+                f"S3 refused to delete {len(errors)} of {len(batch)} objects in bucket "
+                f"{self.bucket!r}; first: {first.get('Key')!r}: {first.get('Code')} {first.get('Message')}"
+            )
+        return len(batch)
+
+    def url(self, key: str, expires_s: int = 3600) -> str:
+        if not 1 <= int(expires_s) <= _MAX_PRESIGN_EXPIRES_S:
+            raise ValueError(
+                f"expires_s must be between 1 and {_MAX_PRESIGN_EXPIRES_S} (7 days), got {expires_s}"
+            )
+        return self.client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self._object_key(key)},
+            ExpiresIn=int(expires_s),
+        )
+
+    def describe(self) -> str:
+        where = f"s3://{self.bucket}/{self.prefix}"
+        if self.endpoint_url:
+            where += f" at {self.endpoint_url}"
+        if self.region:
+            where += f" ({self.region})"
+        return where
