@@ -7,6 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
-  "$PYTHON" -m pip install -q "torch==2.13.0"
+  # Where a local wheel directory exists (as on the project's CPU machines), look there first.
+  find_links=()
+  [ -d /opt/wheels ] && find_links=(--find-links /opt/wheels)
+  "$PYTHON" -m pip install -q "${find_links[@]}" "torch==2.13.0"
 fi
 "$PYTHON" -m pip install -q -e ".[${1:-dev}]"
