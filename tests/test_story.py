@@ -141,3 +141,11 @@ def test_a_bare_string_is_not_split_into_letters(tiny_pipe):
         tiny_pipe.generate_story(ANCHORS, "dog", config=CONFIG)
     with pytest.raises(TypeError, match="prompts"):
         tiny_pipe.generate_story("a dog", SUBJECTS, config=CONFIG)
+
+
+def test_sizes_whose_latent_grid_is_odd(tiny_pipe):
+    # 72 x 104 px: latent 9 x 13, fine grid 5 x 7, coarse 3 x 4 (SDXL's stride-2 convs round up).
+    config = CONFIG.replace(height=72, width=104)
+    out = tiny_pipe.generate_story(PROMPTS[:3], SUBJECTS, seed=0, config=config, output_type="np")
+    assert out.images.shape == (3, 72, 104, 3) and np.isfinite(out.images).all()
+    assert out.subject_masks[0].shape == (3, 4)
