@@ -101,7 +101,8 @@ class Generator:
                 logger.warning("subject %s: no cache in the artifact store; rebuilding it", subject_id)
                 return LoadedCache(await self._rebuild(subject_id), "rebuilt")
         try:
-            return LoadedCache(await asyncio.to_thread(AnchorCache.from_bytes, data, device), source)
+            cache = await asyncio.to_thread(lambda: self._place(AnchorCache.from_bytes(data, "cpu")))
+            return LoadedCache(cache, source)
         except AnchorCacheError as error:  # a damaged or outdated artifact: the record still holds
             logger.warning("subject %s: unusable cache from the %s (%s); rebuilding it", subject_id, source, error)
             return LoadedCache(await self._rebuild(subject_id), "rebuilt")
@@ -133,7 +134,15 @@ class Generator:
             output_type="latent",  # only the cache is wanted; skip decoding the anchors
         )
         await asyncio.to_thread(self._persist_rebuilt, subject_id, out.cache)
-        return out.cache
+        return await asyncio.to_thread(self._place, out.cache)
+
+    def _place(self, cache):
+        """The cache where `cache_memory` says: on the model's device, or in host memory (pinned
+        when the model is on a GPU, so per-layer copies overlap the denoising work)."""
+        device = self.runner.pipeline.device
+        if self.settings.cache_memory == "device":
+            return cache.to(device)
+        return cache.pin_memory() if device.type == "cuda" else cache.to("cpu")
 
     def _persist_rebuilt(self, subject_id: str, cache) -> None:
         self.store.put(cache_key(subject_id), cache.to_bytes(), "application/octet-stream")

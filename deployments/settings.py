@@ -99,6 +99,10 @@ class ServiceSettings(_Strict):
     # artifact_store_from_config settings; CONSISTORY_STORE* / CONSISTORY_S3_* env vars win.
     store: dict[str, Any] = Field(default_factory=dict)
     cache_lru_size: int = Field(4, ge=1)  # anchor caches kept per Generator replica
+    # Where a Generator keeps its caches: "device" (fastest) or "host" (pinned CPU memory, each
+    # layer's tensors copied to the GPU as the denoising loop needs them). At 1024 px a cache is
+    # GBs, so GPU deployments keep them in host memory to hold several subjects per replica.
+    cache_memory: Literal["device", "host"] = "device"
     ingress_cache_refs: int = Field(64, ge=0)  # cache ObjectRefs the Ingress keeps alive
     object_fetch_timeout_s: float = Field(60.0, gt=0)  # past this a cache is reloaded from the store
     url_expires_s: int = Field(3600, ge=1, le=7 * 24 * 3600)

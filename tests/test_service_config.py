@@ -62,3 +62,5 @@ def test_settings_errors_name_the_field() -> None:
         ServiceSettings.from_args({"defaults": {"height": 100}, "limits": {"max_height": 128}})
     with pytest.raises(ValidationError, match="min_replicas"):
         ServiceSettings.from_args({"generator": {"min_replicas": 3, "max_replicas": 2}})
+    with pytest.raises(ValidationError, match="cache_memory"):
+        ServiceSettings.from_args({"cache_memory": "gpu"})
