@@ -15,6 +15,7 @@ _EXPORTS = {
     "AnchorsOutput": ".outputs",
     "ConsiStoryConfig": ".config",
     "ConsiStoryPipeline": ".pipeline",
+    "InputError": ".errors",
     "StoryOutput": ".outputs",
     "vanilla_config": ".config",
 }
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from .anchor_cache import AnchorCache, AnchorCacheError
     from .config import ConsiStoryConfig, vanilla_config
+    from .errors import InputError
     from .outputs import AnchorsOutput, StoryOutput
     from .pipeline import ConsiStoryPipeline
 

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import InputError
+
 
 @dataclass(frozen=True)
 class ConsiStoryConfig:
@@ -55,7 +57,7 @@ class ConsiStoryConfig:
     def __post_init__(self) -> None:
         problems = self._type_problems()
         if problems:
-            raise ValueError("invalid ConsiStoryConfig: " + "; ".join(problems))
+            raise InputError("invalid ConsiStoryConfig: " + "; ".join(problems))
         if self.num_inference_steps < 1:
             problems.append(f"num_inference_steps must be >= 1 (got {self.num_inference_steps})")
         for name in ("height", "width"):
@@ -82,7 +84,7 @@ class ConsiStoryConfig:
         if self.otsu_bins < 2:
             problems.append(f"otsu_bins must be >= 2 (got {self.otsu_bins})")
         if problems:
-            raise ValueError("invalid ConsiStoryConfig: " + "; ".join(problems))
+            raise InputError("invalid ConsiStoryConfig: " + "; ".join(problems))
 
     def _type_problems(self) -> list[str]:
         problems = []

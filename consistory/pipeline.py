@@ -16,6 +16,7 @@ from .anchor_cache import AnchorCache
 from .anchors import CachedAnchors, LiveAnchors
 from .config import ConsiStoryConfig
 from .denoise import decode_latents, denoise_pass, dift_hook, encode_conditioning, nearest_step
+from .errors import InputError
 from .grids import Grids
 from .outputs import AnchorsOutput, StoryOutput
 from .processors import build_processors
@@ -169,7 +170,7 @@ class ConsiStoryPipeline:
             seeds = consecutive_seeds(cache.seeds[0] + cache.n_anchors, len(prompts))
         seeds = check_seeds(list(seeds))
         if len(seeds) != len(prompts):
-            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
+            raise InputError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
         anchors = CachedAnchors(cache, len(prompts))
         return self._generate(prompts, cache.subjects, seeds, config, latents, anchors, output_type)
 
@@ -180,7 +181,7 @@ class ConsiStoryPipeline:
 
     def _generate_locked(self, prompts, subjects, seeds, config, latents, anchors, output_type) -> StoryOutput:
         if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent' (got {output_type!r})")
+            raise InputError(f"output_type must be 'pil', 'np', 'pt' or 'latent' (got {output_type!r})")
         sdxl = self.sdxl
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -224,7 +225,7 @@ class ConsiStoryPipeline:
         if latents is None:
             return initial_latents(seeds, expected[1:], self.dtype, self.device)
         if tuple(latents.shape) != expected:
-            raise ValueError(f"latents must have shape {expected} (B, C, H/8, W/8); got {tuple(latents.shape)}")
+            raise InputError(f"latents must have shape {expected} (B, C, H/8, W/8); got {tuple(latents.shape)}")
         return latents.to(device=self.device, dtype=self.dtype)
 
     @contextmanager

@@ -13,6 +13,8 @@ from typing import Sequence
 
 import torch
 
+from .errors import InputError
+
 MAX_SEED = 2**63 - 1
 
 
@@ -20,7 +22,7 @@ def check_seeds(seeds: Sequence[int]) -> list[int]:
     out = []
     for seed in seeds:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-            raise ValueError(f"seeds must be integers in [0, 2**63 - 1] (got {seed!r})")
+            raise InputError(f"seeds must be integers in [0, 2**63 - 1] (got {seed!r})")
         out.append(int(seed))
     return out
 

@@ -7,6 +7,8 @@ from typing import Sequence
 
 import torch
 
+from .errors import InputError
+
 
 @dataclass(frozen=True)
 class SubjectTokens:
@@ -74,18 +76,18 @@ def find_subject_tokens(tokenizer, prompts: Sequence[str], subjects: Sequence[st
     Raises ValueError for a prompt that contains none of the subjects, naming both.
     """
     if not subjects or any(not s.strip() for s in subjects):
-        raise ValueError(f"subjects must be non-empty words or phrases (got {list(subjects)!r})")
+        raise InputError(f"subjects must be non-empty words or phrases (got {list(subjects)!r})")
     if not prompts:
-        raise ValueError("at least one prompt is needed")
+        raise InputError("at least one prompt is needed")
     length = tokenizer.model_max_length
     positions = []
     for prompt in prompts:
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"every prompt must be a non-empty string (got {prompt!r})")
+            raise InputError(f"every prompt must be a non-empty string (got {prompt!r})")
         ids = tokenizer(prompt.lower(), padding="max_length", max_length=length, truncation=True)["input_ids"]
         per_subject = tuple(_subject_positions(tokenizer, ids, s.lower()) for s in subjects)
         if not any(per_subject):
-            raise ValueError(
+            raise InputError(
                 f"prompt {prompt!r} contains none of the subjects {list(subjects)!r}; "
                 "every prompt must name at least one subject (within its first "
                 f"{length - 2} tokens)"

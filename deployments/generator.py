@@ -102,6 +102,9 @@ class Generator:
                 return LoadedCache(await self._rebuild(subject_id), "rebuilt")
         try:
             cache = await asyncio.to_thread(lambda: self._place(AnchorCache.from_bytes(data, "cpu")))
+            # A cache of another model or settings (weights changed under the same id, say)
+            # would fail every request for this subject; the record rebuilds a fitting one.
+            cache.check_compatible(self.runner.pipeline.model_fingerprint, cache.config)
             return LoadedCache(cache, source)
         except AnchorCacheError as error:  # a damaged or outdated artifact: the record still holds
             logger.warning("subject %s: unusable cache from the %s (%s); rebuilding it", subject_id, source, error)

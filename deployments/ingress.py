@@ -38,6 +38,7 @@ from .subjects import (
     UnknownSubject,
     delete_subject as forget_subject,
     image_key,
+    is_image_key,
     load_record,
     new_request_id,
     new_subject_id,
@@ -86,6 +87,7 @@ class Ingress:
         self.generator = generator
         self.store = artifact_store_from_config(self.settings.store)
         self.refs = CacheRefs(self.settings.ingress_cache_refs)
+        self._ready: ReadyOut | None = None
 
     # --- probes ---
     @app.get("/healthz", response_model=HealthOut)
@@ -94,7 +96,13 @@ class Ingress:
 
     @app.get("/readyz", response_model=ReadyOut)
     async def readyz(self) -> ReadyOut:
-        """Ready when both model deployments answer, i.e. have loaded their model."""
+        """Ready once both model deployments have answered, i.e. loaded their model.
+
+        The first positive answer is kept: models never unload, and asking again through their
+        request queues would report "not ready" exactly when they are busiest.
+        """
+        if self._ready is not None:
+            return self._ready
         timeout = self.settings.ready_timeout_s
         try:
             anchor, generator = await asyncio.wait_for(
@@ -102,12 +110,13 @@ class Ingress:
             )
         except Exception as error:  # not ready, whatever the reason; the probe says which
             raise unavailable(f"models not ready: {type(error).__name__}: {error}", self.settings.retry_after_s)
-        return ReadyOut(
+        self._ready = ReadyOut(
             status="ready",
             model=self.settings.model_id,
             store=self.store.describe(),
             replicas={"anchor_stage": anchor, "generator": generator},
         )
+        return self._ready
 
     # --- v1 API ---
     @app.post("/v1/stories", response_model=ImagesResponse, response_model_exclude_none=True)
@@ -209,7 +218,9 @@ class Ingress:
 
     @app.get("/v1/artifacts/{key:path}", response_class=FileResponse)
     async def artifact(self, key: str) -> FileResponse:
-        """Files of the local artifact store (the URLs it hands out point here)."""
+        """Images of the local artifact store (the URLs it hands out point here)."""
+        if not is_image_key(key):
+            raise HTTPException(status_code=404, detail=f"no image {key!r}: only stored images are served here")
         if not isinstance(self.store, LocalArtifactStore):
             raise HTTPException(status_code=404, detail="artifacts are in S3 here; use the presigned 'url' of an image")
         try:

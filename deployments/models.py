@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, Callable, TypeVar
 
 from .settings import PRESET_PREFIX, ServiceSettings, preset_name_and_seed
@@ -62,8 +64,11 @@ class PipelineRunner:
 
     def __init__(self, pipeline) -> None:
         self.pipeline = pipeline
-        self._lock = asyncio.Lock()
+        # One worker thread: calls queue in order, and a cancelled request (client gone, proxy
+        # timeout) can never let a second call start while its own is still running, which an
+        # asyncio.Lock around asyncio.to_thread would (the lock is released, the thread runs on).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="consistory")
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        async with self._lock:
-            return await asyncio.to_thread(fn, *args, **kwargs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, partial(fn, *args, **kwargs))

@@ -3,7 +3,8 @@
 Failures of a call map to answers a client can act on:
   full queue (Serve's BackPressureError)         503 + Retry-After
   deployment or replica gone (after retries)     503 + Retry-After
-  bad input found by the library (ValueError)    422 with the library's message
+  bad input found by the library (InputError)    422 with the library's message
+  anything else raised in a replica              500
   unknown subject (deleted meanwhile)            404
 """
 
@@ -19,7 +20,7 @@ from fastapi import HTTPException
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-from consistory.anchor_cache import AnchorCacheError
+from consistory.errors import InputError
 
 from .subjects import UnknownSubject
 
@@ -68,7 +69,7 @@ async def call(make: Callable[[], Awaitable[T]], what: str, retry_after_s: float
 def _from_replica(cause: BaseException, what: str) -> HTTPException:
     if isinstance(cause, UnknownSubject):
         return HTTPException(status_code=404, detail=str(cause))
-    if isinstance(cause, ValueError) and not isinstance(cause, AnchorCacheError):
+    if isinstance(cause, InputError):  # the request was wrong; any other error is ours
         return HTTPException(status_code=422, detail=str(cause))
     logger.error("%s failed: %r", what, cause)
     return HTTPException(status_code=500, detail=f"the {what} failed: {type(cause).__name__}: {cause}")

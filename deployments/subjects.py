@@ -98,6 +98,13 @@ def image_key(subject_id: str, request_id: str, index: int) -> str:
     return f"subjects/{subject_id}/images/{request_id}/{index:03d}.png"
 
 
+def is_image_key(key: str) -> bool:
+    """Whether `key` names a stored image (the only artifacts served over HTTP: anchor caches
+    are GBs and move between replicas only through Ray's object store)."""
+    parts = key.split("/")
+    return len(parts) == 5 and parts[0] == "subjects" and parts[2] == "images" and parts[4].endswith(".png")
+
+
 def save_record(store: ArtifactStore, record: SubjectRecord) -> None:
     store.put(record_key(record.subject_id), record.to_json(), "application/json")
 

@@ -248,6 +248,22 @@ def test_cache_survives_its_owner_and_its_artifact(client, service, library, sto
     assert cache_file.is_file(), "the rebuilt cache is persisted again"
 
 
+def test_new_images_take_the_cache_through_the_object_store(client, service, library, store_root):
+    """The cache goes from the AnchorStage to a Generator as an ObjectRef: with its stored copy
+    removed, a new image still comes out right and nothing was rebuilt (a rebuild would store
+    the cache again)."""
+    subject_id = _create_subject(client, service, seed=60)["subject_id"]
+    cache_file = store_root / "subjects" / subject_id / "anchor_cache.safetensors"
+    assert cache_file.is_file()
+    over_http = client.get(f"{service}/v1/artifacts/subjects/{subject_id}/anchor_cache.safetensors", timeout=10)
+    assert over_http.status_code == 404, "anchor caches are never served over HTTP"
+    cache_file.unlink()
+    answer = ok_json(post(client, f"{service}/v1/subjects/{subject_id}/images", {"prompts": NEW[:1]}))
+    cache = library.create_anchors(ANCHORS, SUBJECTS, seed=60, config=CONFIG).cache
+    assert_same_pixels(image_pixels(client, answer["images"][0]), library.generate_from_anchors(cache, NEW[:1]).images[0])
+    assert not cache_file.exists(), "the cache was rebuilt instead of taken from the object store"
+
+
 def _kill_anchor_stage(service: str) -> None:
     """Kill the AnchorStage replica and wait until Serve has replaced it: by then Ray has long
     released the objects it owned (right after a kill, a same-node reader may still find a
