@@ -39,6 +39,7 @@ from .subjects import (
     delete_subject as forget_subject,
     image_key,
     is_image_key,
+    record_key,
     load_record,
     new_request_id,
     new_subject_id,
@@ -201,6 +202,10 @@ class Ingress:
             self._new_image(subject_id, request_id, j, prompt, seeds[j], body.response_format, request)
             for j, prompt in enumerate(body.prompts)
         )
+        if not await asyncio.to_thread(self.store.exists, record_key(subject_id)):
+            # Deleted while its images were being made: leave nothing behind, report it gone.
+            await asyncio.to_thread(self.store.delete_prefix, image_key(subject_id, request_id, 0).rsplit("/", 1)[0] + "/")
+            raise HTTPException(status_code=404, detail=f"subject {subject_id} was deleted while its images were made")
         done = time.perf_counter()
         timings = {"images_s": done - checked, "total_s": done - started}
         return ImagesResponse(subject_id=subject_id, images=images, timings=timings)
@@ -267,7 +272,8 @@ class Ingress:
         await asyncio.to_thread(self.store.put, key, png, "image/png")
         if response_format == "b64_json":
             return ImageOut(index=index, prompt=prompt, seed=seed, b64_json=to_b64(png))
-        url = self._absolute(self.store.url(key, self.settings.url_expires_s), request)
+        # Presigning can refresh credentials over the network: keep it off the event loop.
+        url = self._absolute(await asyncio.to_thread(self.store.url, key, self.settings.url_expires_s), request)
         return ImageOut(index=index, prompt=prompt, seed=seed, url=url)
 
     @staticmethod
