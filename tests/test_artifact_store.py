@@ -239,6 +239,34 @@ def test_s3_url_expiry_must_be_valid(s3_store: S3ArtifactStore) -> None:
             s3_store.url("a.png", expires_s=bad)
 
 
+def test_s3_large_artifact_goes_multipart_and_round_trips(
+    s3_endpoint: str, s3_bucket: str, aws_dummy_credentials: None
+) -> None:
+    # Anchor caches (4-22 GB) exceed S3's 5 GB single-PUT cap; force the multipart path
+    # with S3's minimum part size so a ~12 MiB payload is split into 3 parts.
+    part = 5 * 1024 * 1024
+    store = S3ArtifactStore(
+        s3_bucket,
+        prefix=f"mp-{uuid.uuid4().hex[:8]}/",
+        endpoint_url=s3_endpoint,
+        multipart_threshold=part,
+        multipart_chunksize=part,
+    )
+    data = os.urandom(12 * 1024 * 1024 + 12345)
+    store.put("subjects/s1/cache/anchor.safetensors", data, "application/octet-stream")
+
+    head = s3_client(s3_endpoint).head_object(
+        Bucket=s3_bucket, Key=f"{store.prefix}subjects/s1/cache/anchor.safetensors"
+    )
+    assert "-" in head["ETag"]  # "<md5 of part md5s>-<part count>": a multipart upload
+    assert head["ETag"].strip('"').endswith("-3")
+    assert head["ContentLength"] == len(data)
+    assert head["ContentType"] == "application/octet-stream"
+    assert store.get("subjects/s1/cache/anchor.safetensors") == data
+    with pytest.raises(ArtifactNotFound):
+        store.get("subjects/s1/cache/absent.safetensors")
+
+
 def test_s3_missing_bucket_is_not_reported_as_missing_key(
     s3_endpoint: str, aws_dummy_credentials: None
 ) -> None:

@@ -6,6 +6,7 @@ S3 credentials come only from boto3's normal chain (``AWS_ACCESS_KEY_ID`` /
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 from .base import ArtifactNotFound, ArtifactStore, validate_key, validate_prefix
@@ -16,6 +17,12 @@ __all__ = ["S3ArtifactStore"]
 _MAX_PRESIGN_EXPIRES_S = 7 * 24 * 3600
 # S3 DeleteObjects accepts at most 1000 keys per call.
 _DELETE_BATCH = 1000
+# Transfers: a single PUT is capped at 5 GB and anchor caches run 4-22 GB, so put/get go
+# through boto3's managed transfer (multipart upload, parallel ranged GETs) above a threshold.
+_MIB = 1024 * 1024
+_DEFAULT_MULTIPART_THRESHOLD = 64 * _MIB
+_DEFAULT_MULTIPART_CHUNKSIZE = 64 * _MIB
+_MAX_CONCURRENCY = 4
 
 
 def _normalize_s3_prefix(prefix: str) -> str:
@@ -41,12 +48,19 @@ class S3ArtifactStore(ArtifactStore):
         region: str | None = None,
         client: Any = None,
         addressing_style: str | None = None,
+        multipart_threshold: int = _DEFAULT_MULTIPART_THRESHOLD,
+        multipart_chunksize: int = _DEFAULT_MULTIPART_CHUNKSIZE,
     ) -> None:
         if not bucket:
             raise ValueError("S3ArtifactStore needs a bucket name")
         if addressing_style not in (None, "auto", "path", "virtual"):
             raise ValueError(
                 f"addressing_style must be 'auto', 'path' or 'virtual', got {addressing_style!r}"
+            )
+        if int(multipart_threshold) < 1 or int(multipart_chunksize) < 1:
+            raise ValueError(
+                "multipart_threshold and multipart_chunksize must be positive, got "
+                f"{multipart_threshold!r} and {multipart_chunksize!r}"
             )
         self.bucket = bucket
         self.prefix = _normalize_s3_prefix(prefix)
@@ -70,6 +84,16 @@ class S3ArtifactStore(ArtifactStore):
                 "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config
             )
         self.client = client
+        from boto3.s3.transfer import TransferConfig
+
+        # S3 needs parts of at least 5 MiB (but the last); s3transfer raises smaller
+        # chunk sizes to that minimum and caps the part count at 10,000 by itself.
+        self.transfer_config = TransferConfig(
+            multipart_threshold=int(multipart_threshold),
+            multipart_chunksize=int(multipart_chunksize),
+            max_concurrency=_MAX_CONCURRENCY,
+            use_threads=True,
+        )
 
     def _object_key(self, key: str) -> str:
         return self.prefix + validate_key(key)
@@ -83,19 +107,47 @@ class S3ArtifactStore(ArtifactStore):
         return code in ("NoSuchKey", "404", "NotFound")
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
-        self.client.put_object(
-            Bucket=self.bucket, Key=self._object_key(key), Body=data, ContentType=content_type
+        # io.BytesIO(bytes) shares the caller's buffer (copy on write): no second copy of
+        # a multi-GB payload.
+        self.client.upload_fileobj(
+            io.BytesIO(data),
+            self.bucket,
+            self._object_key(key),
+            ExtraArgs={"ContentType": content_type},
+            Config=self.transfer_config,
         )
 
     def get(self, key: str) -> bytes:
         from botocore.exceptions import ClientError
 
+        object_key = self._object_key(key)
+        buffer = io.BytesIO()
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))
+            self.client.download_fileobj(
+                self.bucket, object_key, buffer, Config=self.transfer_config
+            )
+        except ClientError as err:
+            if not self._is_not_found(err):
+                raise  # e.g. 403: a permissions problem must not read as "absent"
+            return self._get_after_not_found(key, object_key)
+        return buffer.getvalue()
+
+    def _get_after_not_found(self, key: str, object_key: str) -> bytes:
+        """Tell a missing key (ArtifactNotFound) from a missing bucket (re-raised).
+
+        ``download_fileobj`` starts with a HeadObject, whose 404 has no body: a missing key
+        and a missing bucket both read as code "404". A plain GetObject tells them apart
+        (``NoSuchKey`` vs ``NoSuchBucket``) with no permission beyond the one ``get`` needs.
+        """
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=object_key)
         except ClientError as err:
             if self._is_not_found(err):
                 raise ArtifactNotFound(key) from None
-            raise
+            raise  # NoSuchBucket, 403, ...
+        # The object appeared after the HEAD (a concurrent put): serve it.
         with response["Body"] as body:
             return body.read()
 
