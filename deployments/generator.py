@@ -90,7 +90,6 @@ class Generator:
     async def _load(self, subject_id: str) -> LoadedCache:
         from consistory import AnchorCache, AnchorCacheError
 
-        device = self.runner.pipeline.device
         data = await self._from_object_store(subject_id)
         source = "object_store"
         if data is None:
