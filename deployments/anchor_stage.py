@@ -16,10 +16,8 @@ from typing import Any
 import ray
 from ray import serve
 
-from .artifact_store import artifact_store_from_config
 from .images import encode_png
-from .models import PipelineRunner, load_pipeline
-from .settings import ServiceSettings
+from .models import ModelReplica
 from .subjects import SubjectRecord, cache_key, save_record
 
 
@@ -39,16 +37,7 @@ def record_for(subject_id: str, cache, cache_nbytes: int) -> SubjectRecord:
 
 
 @serve.deployment(name="AnchorStage")
-class AnchorStage:
-    def __init__(self, settings: dict[str, Any]) -> None:
-        self.settings = ServiceSettings.model_validate(settings)
-        self.runner = PipelineRunner(load_pipeline(self.settings))
-        self.store = artifact_store_from_config(self.settings.store)
-
-    async def ready(self) -> dict[str, str]:
-        pipe = self.runner.pipeline
-        return {"model": pipe.model_id, "device": str(pipe.device), "dtype": str(pipe.dtype)}
-
+class AnchorStage(ModelReplica):
     async def create(
         self, subject_id: str, prompts: list[str], subjects: list[str], seed: int, config: dict[str, Any]
     ) -> dict[str, Any]:

@@ -21,10 +21,9 @@ from typing import Any, Optional
 from ray import serve
 from ray.exceptions import GetTimeoutError, ObjectLostError
 
-from .artifact_store import ArtifactNotFound, artifact_store_from_config
+from .artifact_store import ArtifactNotFound
 from .images import encode_png
-from .models import PipelineRunner, load_pipeline
-from .settings import ServiceSettings
+from .models import ModelReplica
 from .subjects import cache_key, load_record, record_key, subject_prefix
 
 logger = logging.getLogger("ray.serve")
@@ -44,11 +43,9 @@ class LoadedCache:
 
 
 @serve.deployment(name="Generator")
-class Generator:
+class Generator(ModelReplica):
     def __init__(self, settings: dict[str, Any]) -> None:
-        self.settings = ServiceSettings.model_validate(settings)
-        self.runner = PipelineRunner(load_pipeline(self.settings))
-        self.store = artifact_store_from_config(self.settings.store)
+        super().__init__(settings)
         # ObjectRefs offered by callers, read by the loader (which only receives the subject id).
         self._offered: dict[str, list[Any]] = {}
 
@@ -58,10 +55,6 @@ class Generator:
         # Wired at init time because the LRU size is configuration, not code; Serve 2.60
         # detects a multiplexed function stored on the instance.
         self._cache_for = serve.multiplexed(max_num_models_per_replica=self.settings.cache_lru_size)(load)
-
-    async def ready(self) -> dict[str, str]:
-        pipe = self.runner.pipeline
-        return {"model": pipe.model_id, "device": str(pipe.device), "dtype": str(pipe.dtype)}
 
     async def generate(self, cache_refs: Optional[list[Any]], prompt: str, seed: int) -> dict[str, Any]:
         """One new image of the subject named by the request's multiplexed model id."""

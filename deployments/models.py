@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, Callable, TypeVar
 
+from .artifact_store import artifact_store_from_config
 from .settings import PRESET_PREFIX, ServiceSettings, preset_name_and_seed
 
 logger = logging.getLogger("ray.serve")
@@ -72,3 +73,18 @@ class PipelineRunner:
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, partial(fn, *args, **kwargs))
+
+
+class ModelReplica:
+    """What the AnchorStage and the Generator share: their settings, the pipeline (loaded once
+    per replica, called through a PipelineRunner), the artifact store, and the readiness probe."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = ServiceSettings.model_validate(settings)
+        self.runner = PipelineRunner(load_pipeline(self.settings))
+        self.store = artifact_store_from_config(self.settings.store)
+
+    async def ready(self) -> dict[str, str]:
+        pipe = self.runner.pipeline
+        return {"model": pipe.model_id, "device": str(pipe.device), "dtype": str(pipe.dtype)}
+
