@@ -31,7 +31,7 @@ from safetensors.torch import save as st_save
 from .config import ConsiStoryConfig
 
 FORMAT = "consistory.anchor_cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class AnchorCacheError(ValueError):

@@ -42,6 +42,11 @@ class ConsiStoryConfig:
     dift_timestep: int = 261  # step 36 of 50 with SDXL's leading DDIM spacing
     dift_sigma: float = 1.0
     dift_kernel_size: int = 3
+    # As published: with FreeU on, the features carry FreeU's backbone scaling. The published
+    # code keeps `up_blocks[0]`'s output as a view that FreeU then scales in place (its first
+    # C/2 channels times b2) when `up_blocks[1]` starts, so correspondence sees those channels
+    # scaled. False uses the plain block output.
+    dift_freeu_scaling: bool = True
 
     # --- feature injection (section 7): steps S//10 .. S//3 ---
     injection_alpha: float = 0.8

@@ -31,6 +31,15 @@ def smooth_features(features: torch.Tensor, size: int = 3, sigma: float = 1.0) -
     return F.conv2d(features.float(), weight, padding=size // 2, groups=c)
 
 
+def freeu_backbone_scaled(features: torch.Tensor, b: float) -> torch.Tensor:
+    """(B, C, H, W) with its first C // 2 channels times `b`: what FreeU's backbone factor does
+    in place to `up_blocks[0]`'s output as `up_blocks[1]` starts (b2 on SDXL)."""
+    scaled = features.clone()
+    half = features.shape[1] // 2
+    scaled[:, :half] = scaled[:, :half] * b
+    return scaled
+
+
 def tokens_at_grid(features: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """(B, C, H, W) features -> (B, N, C) unit-norm tokens on a grid of `shape`."""
     if tuple(features.shape[-2:]) != tuple(shape):

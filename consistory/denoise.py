@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .correspondence import smooth_features
+from .correspondence import freeu_backbone_scaled, smooth_features
 from .run_state import RunState
 
 
@@ -57,12 +57,16 @@ def nearest_step(timesteps: torch.Tensor, timestep: int) -> int:
 
 @contextmanager
 def dift_hook(unet, state: RunState) -> Iterator[None]:
-    """Capture the first `up` block's output (its upsampler included) at the DIFT step."""
+    """Capture the first `up` block's output (its upsampler included) at the DIFT step, with
+    FreeU's backbone scaling of the next block applied first when the config says so (section 5)."""
+    cfg = state.config
+    scale = cfg.freeu_b2 if cfg.freeu and cfg.dift_freeu_scaling else None
 
     def hook(module, inputs, output):
         if state.capture_dift:
             features = output[state.half_rows(1)]
-            cfg = state.config
+            if scale is not None:
+                features = freeu_backbone_scaled(features, scale)
             state.dift = smooth_features(features, cfg.dift_kernel_size, cfg.dift_sigma)
 
     handle = unet.up_blocks[0].register_forward_hook(hook)

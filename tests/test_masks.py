@@ -1,6 +1,9 @@
 """Otsu thresholds, subject-mask union and per-image mask dropout on hand-made inputs."""
 
+import numpy as np
+import pytest
 import torch
+from skimage.filters import threshold_otsu
 
 from consistory.grids import Grids
 from consistory.otsu import otsu_below, otsu_mask, otsu_threshold
@@ -21,15 +24,68 @@ def test_otsu_separates_two_populations():
 
 def test_otsu_is_per_row_and_scale_free():
     row = torch.tensor([0.0, 0.1, 0.0, 0.9, 1.0, 0.95])
-    batch = torch.stack([row, row * 1000 + 7])
+    batch = torch.stack([row, row * 1024 + 8])  # exact in float32, so the bins agree exactly
     masks = otsu_mask(batch)
     assert (masks[0] == masks[1]).all()
-    assert masks[0].tolist() == [False, False, False, True, True, True]
+    # 0.1 lies in the upper half of the chosen bin [0.0977, 0.1016): foreground by the published
+    # convention (scikit-image's), background if the split were at the bin's upper edge.
+    assert masks[0].tolist() == [False, True, False, True, True, True]
+    assert masks[0].tolist() == (row.numpy() > threshold_otsu(row.numpy())).tolist()
+
+
+def _maps(kind: str, rng: np.random.Generator, n: int) -> np.ndarray:
+    if kind == "uniform":
+        m = rng.random(n)
+    elif kind == "normal":
+        m = rng.normal(size=n) * rng.uniform(0.01, 100) + rng.normal() * 10
+    elif kind == "heavy_tail":  # like attention maps: a few large values
+        m = rng.exponential(size=n) ** 3
+    elif kind == "ties":  # few distinct levels, many equal values
+        m = np.round(rng.random(n) * rng.integers(2, 8)) / 7
+    else:  # "two_values"
+        m = np.where(rng.random(n) < rng.uniform(0.05, 0.95), 0.1, 0.7)
+    return m.astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "normal", "heavy_tail", "ties", "two_values"])
+@pytest.mark.parametrize("seed", [0, 23, 91])  # 23 and 91 hold near-ties that float32 rounding decides
+def test_otsu_is_scikit_image_threshold_otsu(kind, seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        m = _maps(kind, rng, int(rng.integers(2, 4096)))
+        expected = threshold_otsu(m)
+        ours = otsu_threshold(torch.from_numpy(m)[None])[0]
+        assert np.float32(expected) == np.float32(float(ours))
+        assert np.array_equal(otsu_mask(torch.from_numpy(m)[None])[0].numpy(), m > expected)
+        assert np.array_equal(otsu_below(torch.from_numpy(m)[None])[0].numpy(), m < expected)
+
+
+def test_otsu_batched_rows_equal_rows_alone():
+    rng = np.random.default_rng(5)
+    rows = np.stack([_maps(kind, rng, 300) for kind in ("uniform", "normal", "heavy_tail", "ties")])
+    batched = otsu_threshold(torch.from_numpy(rows))
+    for i, row in enumerate(rows):
+        assert float(batched[i]) == float(otsu_threshold(torch.from_numpy(row)[None])[0]) == np.float32(threshold_otsu(row))
+
+
+def test_otsu_threshold_is_a_bin_centre_and_comparisons_are_strict():
+    # Bins of width 1 over [0, 256]: the chosen bin [k, k + 1) has its centre at k + 0.5, so a value
+    # at k + 0.25 is background and one at k + 0.75 foreground, though both share the bin.
+    values = torch.tensor([[0.0, 10.25, 10.75, 256.0, 255.0, 254.0, 1.0]])
+    t = float(otsu_threshold(values)[0])
+    assert t == np.float32(threshold_otsu(values[0].numpy()))
+    assert t == int(t) + 0.5
+    exact = values.clone()
+    exact[0, 1] = t  # a value equal to the threshold is neither foreground nor "below"
+    assert not otsu_mask(exact)[0, 1] and not otsu_below(exact)[0, 1]
 
 
 def test_otsu_of_a_constant_map_is_empty():
-    assert not otsu_mask(torch.full((1, 16), 0.3)).any()
-    assert not otsu_below(torch.full((1, 16), 0.3)).any()
+    for value in (0.3, -2.0, 0.0):
+        m = torch.full((1, 16), value)
+        assert float(otsu_threshold(m)[0]) == np.float32(threshold_otsu(m[0].numpy()))
+        assert not otsu_mask(m).any()
+        assert not otsu_below(m).any()
 
 
 def _blob_map(hc, wc, rows, cols):
