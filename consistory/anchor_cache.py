@@ -70,10 +70,8 @@ class AnchorCache:
             torch.cuda.synchronize()
             self._copies_pending = False
 
-    def put_shared(self, pass_index: int, layer: str, step: int, half: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        base = f"shared/p{pass_index}/s{step}/h{half}/{layer}"
-        self._store(base + "/k", k)
-        self._store(base + "/v", v)
+    def put_shared(self, pass_index: int, layer: str, step: int, half: int, inputs: torch.Tensor) -> None:
+        self._store(f"shared/p{pass_index}/s{step}/h{half}/{layer}", inputs)
 
     def put_injection(self, layer: str, step: int, bank: torch.Tensor) -> None:
         self._store(f"inject/s{step}/{layer}", bank)
@@ -99,11 +97,10 @@ class AnchorCache:
         # the host must complete before the host reads it.
         return tensor.to(device, non_blocking=torch.device(device).type == "cuda")
 
-    def shared(self, pass_index: int, layer: str, step: int, half: int, device=None):
-        base = f"shared/p{pass_index}/s{step}/h{half}/{layer}"
-        return self._fetch(base + "/k", device), self._fetch(base + "/v", device)
+    def shared_inputs(self, pass_index: int, layer: str, step: int, half: int, device=None, dtype=None):
+        return self._fetch(f"shared/p{pass_index}/s{step}/h{half}/{layer}", device)
 
-    def injection(self, layer: str, step: int, device=None) -> torch.Tensor:
+    def injection(self, layer: str, step: int, device=None, dtype=None) -> torch.Tensor:
         return self._fetch(f"inject/s{step}/{layer}", device)
 
     @property

@@ -3,12 +3,15 @@
 Both sources hand the processors the same things in the same layout (shared keys/values of
 the tokens inside the anchors' dropout masks; injection sources of the tokens inside their
 subject masks), which is what makes "cached equals batch" hold by construction. A live source
-can also record everything it hands out into an `AnchorCache`.
+can also record what a cache needs into an `AnchorCache`: the *inputs* of each `up`
+self-attention layer at the shared tokens (one vector per token instead of a key and a value;
+`CachedAnchors` recomputes keys and values with the layer's own projections) and the injection
+sources.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -18,21 +21,47 @@ if TYPE_CHECKING:
     from .anchor_cache import AnchorCache
     from .run_state import RunState
 
+# (keys, values, each anchor's own block of the shared tokens or None)
+SharedTokens = tuple[torch.Tensor, torch.Tensor, "list[tuple[int, int]] | None"]
+
+
+class AnchorSource(Protocol):
+    """What the attention processors and the run state ask of the anchors."""
+
+    uses_dropout: bool  # whether this step's dropout masks of the batch decide what is shared
+    row_anchor: torch.Tensor  # (B,) anchor index of each image of the batch, -1 for the others
+
+    def shared_tokens(
+        self, state: "RunState", layer: str, half: int, attn, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        grid: str,
+    ) -> SharedTokens:
+        """The anchors' shared keys/values at `layer` for CFG half `half` of this step; x, k, v are
+        the layer's input and projections for the batch's rows of that half (B, N, C)."""
+
+    def injection_bank(self, state: "RunState", layer: str, out_cond: torch.Tensor) -> torch.Tensor:
+        """(M, C) injection sources at `layer` this step; `out_cond` is the batch's conditional
+        attention output before any injection (B, N, C)."""
+
+    def correspondence_sources(self, state: "RunState") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(source DIFT (A, C, H, W), source subject masks (A, N) on the fine grid, row_anchor)."""
+
+    def finish_pass1(self, state: "RunState") -> None:
+        """Pass 1 is over: its final masks and DIFT features are in `state`."""
+
 
 class LiveAnchors:
     """The first `n_anchors` images of the batch are the anchors (a leading slice of every CFG
     half, so no index tensors are needed to find them)."""
 
+    uses_dropout = True
+
     def __init__(self, n_anchors: int, n_images: int, recorder: "AnchorCache | None" = None) -> None:
         self.n_anchors = n_anchors
-        # Anchor index of every image in the batch, -1 for the others.
         self.row_anchor = torch.where(torch.arange(n_images) < n_anchors, torch.arange(n_images), -1)
         self.recorder = recorder
         self._index_key: tuple | None = None
-        self._index: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._index: dict[str, tuple[torch.Tensor, list[tuple[int, int]]]] = {}
         self._bank_index: torch.Tensor | None = None
-
-    uses_dropout = True  # the anchors' dropout masks decide what they share
 
     def _shared_index(self, state: "RunState", grid: str, device) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """(flat token index, each anchor's block) for this step and grid, once for all layers."""
@@ -43,15 +72,13 @@ class LiveAnchors:
             self._index[grid] = shared_token_index(state.dropout_masks[grid][: self.n_anchors].to(device))
         return self._index[grid]
 
-    def shared_tokens(self, state: "RunState", layer: str, half: int, k: torch.Tensor, v: torch.Tensor, grid: str):
+    def shared_tokens(self, state, layer, half, attn, x, k, v, grid) -> SharedTokens:
         index, blocks = self._shared_index(state, grid, k.device)
-        k_shared = gather_shared_tokens(k, self.n_anchors, index)
-        v_shared = gather_shared_tokens(v, self.n_anchors, index)
         if self.recorder is not None:
-            self.recorder.put_shared(state.pass_index, layer, state.step, half, k_shared, v_shared)
-        return k_shared, v_shared, blocks
+            self.recorder.put_shared(state.pass_index, layer, state.step, half, gather_shared_tokens(x, self.n_anchors, index))
+        return gather_shared_tokens(k, self.n_anchors, index), gather_shared_tokens(v, self.n_anchors, index), blocks
 
-    def injection_bank(self, state: "RunState", layer: str, out_cond: torch.Tensor) -> torch.Tensor:
+    def injection_bank(self, state, layer, out_cond) -> torch.Tensor:
         if self._bank_index is None:  # the pass-1 subject masks are fixed for all of pass 2
             self._bank_index = shared_token_index(state.final_masks["fine"][: self.n_anchors])[0]
         bank = gather_shared_tokens(out_cond, self.n_anchors, self._bank_index.to(out_cond.device))
@@ -59,12 +86,11 @@ class LiveAnchors:
             self.recorder.put_injection(layer, state.step, bank)
         return bank
 
-    def correspondence_sources(self, state: "RunState"):
-        """(source DIFT (A, C, H, W), source subject masks (A, N) fine, target_source_index (B,))."""
+    def correspondence_sources(self, state):
         a = self.n_anchors
         return state.dift[:a], state.final_masks["fine"][:a], self.row_anchor.to(state.dift.device)
 
-    def finish_pass1(self, state: "RunState") -> None:
+    def finish_pass1(self, state) -> None:
         if self.recorder is not None:
             a = self.n_anchors
             masks = {name: m[:a] for name, m in state.final_masks.items()}
@@ -80,20 +106,17 @@ class CachedAnchors:
         self.cache = cache
         self.row_anchor = torch.full((n_images,), -1)
 
-    def shared_tokens(self, state: "RunState", layer: str, half: int, k: torch.Tensor, v: torch.Tensor, grid: str):
-        k_shared, v_shared = self.cache.shared(state.pass_index, layer, state.step, half, device=k.device)
-        return k_shared, v_shared, None  # new images see every anchor token
+    def shared_tokens(self, state, layer, half, attn, x, k, v, grid) -> SharedTokens:
+        inputs = self.cache.shared_inputs(state.pass_index, layer, state.step, half, device=x.device, dtype=x.dtype)
+        # The layer's own projections (square, no bias on SDXL) give the anchors' keys/values.
+        return attn.to_k(inputs), attn.to_v(inputs), None  # new images see every anchor token
 
-    def injection_bank(self, state: "RunState", layer: str, out_cond: torch.Tensor) -> torch.Tensor:
-        return self.cache.injection(layer, state.step, device=out_cond.device)
+    def injection_bank(self, state, layer, out_cond) -> torch.Tensor:
+        return self.cache.injection(layer, state.step, device=out_cond.device, dtype=out_cond.dtype)
 
-    def correspondence_sources(self, state: "RunState"):
+    def correspondence_sources(self, state):
         device = state.dift.device
-        return (
-            self.cache.dift.to(device),
-            self.cache.masks["fine"].to(device),
-            self.row_anchor.to(device),
-        )
+        return self.cache.dift.to(device), self.cache.masks["fine"].to(device), self.row_anchor.to(device)
 
-    def finish_pass1(self, state: "RunState") -> None:
+    def finish_pass1(self, state) -> None:
         pass

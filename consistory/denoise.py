@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .correspondence import freeu_backbone_scaled, smooth_features
-from .run_state import RunState
+from .run_state import PassSnapshot, RunState
 
 
 @dataclass
@@ -83,13 +83,22 @@ def denoise_pass(
     latents: torch.Tensor,
     cond: Conditioning,
     on_step: Callable[[], None] | None = None,
-) -> torch.Tensor:
-    """One pass of the denoising loop from `latents`; returns the final latents."""
+    start: int = 0,
+    snapshot_at: int | None = None,
+) -> tuple[torch.Tensor, PassSnapshot | None]:
+    """One pass of the denoising loop, from `latents` at step `start` (the scheduler in the state
+    it has there); returns the final latents and, if `snapshot_at` is given, the state of the
+    pass just before that step."""
     timesteps = scheduler.timesteps
     doubled = cond.doubled()
     guidance = state.config.guidance_scale
     extra = pipe.prepare_extra_step_kwargs(None, 0.0)
+    snapshot = None
     for i, t in enumerate(timesteps):
+        if i < start:
+            continue
+        if i == snapshot_at:
+            snapshot = state.snapshot(i, latents, scheduler)
         state.begin_step(i)
         c = doubled if state.fused_vanilla else cond
         x = scheduler.scale_model_input(torch.cat([latents] * 2), t)
@@ -110,7 +119,7 @@ def denoise_pass(
         if on_step is not None:
             on_step()
     state.end_pass()
-    return latents
+    return latents, snapshot
 
 
 def decode_latents(pipe, latents: torch.Tensor, output_type: str):

@@ -38,6 +38,9 @@ class ConsiStoryPipeline:
         self.sdxl = sdxl
         self.model_id = model_id or getattr(sdxl, "name_or_path", None) or sdxl.__class__.__name__
         self.progress_bar = True
+        # Pass 2 starts from pass 1's state at step S // 10 (exact); False runs it from step 0,
+        # which gives the same images at the cost of the repeated steps (kept for checking that).
+        self.resume_pass2 = True
         self._fingerprint: str | None = None
         # Generation swaps the UNet's processors: one generation at a time per pipeline.
         self._lock = threading.Lock()
@@ -201,17 +204,29 @@ class ConsiStoryPipeline:
             seeds=seeds,
             dift_step=nearest_step(scheduler.timesteps, config.dift_timestep),
         )
-        passes = 2 if config.two_passes else 1
-        with torch.no_grad(), self._method_installed(state, config), self._progress(passes, config) as step_done:
+        # Pass 2 resumes from pass 1's state where injection starts (see PassSnapshot).
+        resume_at = config.injection_steps().start if config.two_passes and self.resume_pass2 else None
+        steps = config.num_inference_steps
+        with torch.no_grad(), self._method_installed(state, config), self._progress(config, resume_at) as step_done:
             cond = encode_conditioning(sdxl, prompts, config.height, config.width, self.device)
             timings["encode_s"] = time.perf_counter() - start
-            result = latents
-            for pass_index in range(1, passes + 1):
+            t0 = time.perf_counter()
+            scheduler.set_timesteps(steps, device=self.device)
+            state.begin_pass(1)
+            result, snapshot = denoise_pass(sdxl, scheduler, state, latents, cond, step_done, snapshot_at=resume_at)
+            timings["pass1_s"] = time.perf_counter() - t0
+            if config.two_passes:
                 t0 = time.perf_counter()
-                scheduler.set_timesteps(config.num_inference_steps, device=self.device)
-                state.begin_pass(pass_index)
-                result = denoise_pass(sdxl, scheduler, state, latents, cond, step_done)
-                timings[f"pass{pass_index}_s"] = time.perf_counter() - t0
+                if snapshot is not None:
+                    state.begin_pass(2, resume=snapshot)
+                    result, _ = denoise_pass(
+                        sdxl, snapshot.scheduler, state, snapshot.latents, cond, step_done, start=snapshot.step
+                    )
+                else:
+                    scheduler.set_timesteps(steps, device=self.device)
+                    state.begin_pass(2)
+                    result, _ = denoise_pass(sdxl, scheduler, state, latents, cond, step_done)
+                timings["pass2_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             images = result if output_type == "latent" else decode_latents(sdxl, result, output_type)
             timings["decode_s"] = time.perf_counter() - t0
@@ -249,8 +264,12 @@ class ConsiStoryPipeline:
                     setattr(block, k, v)
 
     @contextmanager
-    def _progress(self, passes: int, config: ConsiStoryConfig):
-        bar = tqdm(total=passes * config.num_inference_steps, desc="denoising", disable=not self.progress_bar, leave=False)
+    def _progress(self, config: ConsiStoryConfig, resume_at: int | None):
+        steps = config.num_inference_steps
+        total = steps
+        if config.two_passes:
+            total += steps - (resume_at or 0)
+        bar = tqdm(total=total, desc="denoising", disable=not self.progress_bar, leave=False)
         try:
             yield bar.update
         finally:

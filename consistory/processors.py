@@ -65,7 +65,9 @@ class SelfAttentionProcessor:
         if sdsa:
             for half in (0, 1):
                 rows = s.half_rows(half)
-                k_shared, v_shared, blocks = s.anchors.shared_tokens(s, self.name, half, k[rows], v[rows], grid)
+                k_shared, v_shared, blocks = s.anchors.shared_tokens(
+                    s, self.name, half, attn, hidden_states[rows], k[rows], v[rows], grid
+                )
                 q_half = q_main[half * b : (half + 1) * b]
                 parts.append(shared_self_attention(q_half, k[rows], v[rows], k_shared, v_shared, heads, blocks))
         else:

@@ -6,8 +6,9 @@ diffusers hands a processor only the keyword arguments its `__call__` names, so 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -16,7 +17,26 @@ from .correspondence import InjectionPlan, nearest_sources, plan_injection, toke
 from .grids import Grids
 from .subject_masks import CrossAttentionWindow, MaskDropout, masks_from_maps
 
+if TYPE_CHECKING:
+    from .anchors import AnchorSource
+
 GRID_ORDER = ("coarse", "fine")
+
+
+@dataclass
+class PassSnapshot:
+    """Where pass 1 stood just before step `step`: everything pass 2 needs to resume there.
+
+    Pass 2 repeats pass 1 exactly until injection starts at step S // 10 (same latents, masks,
+    dropout draws and query mixing), so it starts from this snapshot instead of from step 0:
+    those steps are computed once, and an anchor cache stores them once.
+    """
+
+    step: int
+    latents: torch.Tensor  # the input of step `step`
+    scheduler: Any  # a copy, with whatever state the scheduler keeps between steps
+    window: dict[str, list[torch.Tensor]]  # the cross-attention records so far
+    dropout: list[torch.Tensor]  # each image's dropout generator state
 
 
 @dataclass
@@ -26,7 +46,7 @@ class RunState:
     n_images: int
     token_weights: torch.Tensor  # (B, S, T)
     present: torch.Tensor  # (B, S) bool
-    anchors: Any  # LiveAnchors | CachedAnchors
+    anchors: "AnchorSource"
     seeds: list[int]
     dift_step: int
 
@@ -58,9 +78,26 @@ class RunState:
         return slice(start, start + self.n_images)
 
     # --- schedule ---
-    def begin_pass(self, pass_index: int) -> None:
+    def begin_pass(self, pass_index: int, resume: PassSnapshot | None = None) -> None:
+        """Start a pass from step 0, or (pass 2) from a snapshot of pass 1."""
         self.pass_index = pass_index
+        # Every pass draws the same dropout masks from the same seeds: pass 2 run from step 0
+        # repeats pass 1 until injection starts, which is what makes resuming exact.
+        self.dropout = MaskDropout(self.seeds, self.config.mask_dropout)
         self.window.reset()
+        if resume is not None:
+            self.window.restore(resume.window)
+            self.dropout.restore(resume.dropout)
+
+    def snapshot(self, step: int, latents: torch.Tensor, scheduler) -> PassSnapshot:
+        """Called before `begin_step(step)`, so the dropout draws of `step` are still to come."""
+        return PassSnapshot(
+            step=step,
+            latents=latents,
+            scheduler=copy.deepcopy(scheduler),
+            window=self.window.snapshot(),
+            dropout=self.dropout.snapshot(),
+        )
 
     def begin_step(self, step: int) -> None:
         cfg = self.config

@@ -37,6 +37,13 @@ class CrossAttentionWindow:
     def reset(self) -> None:
         self._records.clear()
 
+    def snapshot(self) -> dict[str, list[torch.Tensor]]:
+        """The records as they are now (records are never modified in place, so no copies)."""
+        return {layer: list(records) for layer, records in self._records.items()}
+
+    def restore(self, snapshot: dict[str, list[torch.Tensor]]) -> None:
+        self._records = {layer: deque(records, maxlen=self.window) for layer, records in snapshot.items()}
+
     def __bool__(self) -> bool:
         return bool(self._records)
 
@@ -80,6 +87,13 @@ class MaskDropout:
     def __init__(self, seeds: Sequence[int], rate: float) -> None:
         self.rate = rate
         self.generators = [torch.Generator().manual_seed((seed + MASK_SEED_OFFSET) % 2**64) for seed in seeds]
+
+    def snapshot(self) -> list[torch.Tensor]:
+        return [g.get_state() for g in self.generators]
+
+    def restore(self, states: Sequence[torch.Tensor]) -> None:
+        for g, state in zip(self.generators, states):
+            g.set_state(state)
 
     def __call__(self, masks: Mapping[str, torch.Tensor], grid_order: Sequence[str]) -> dict[str, torch.Tensor]:
         dropped = {}
