@@ -1,33 +1,25 @@
 """The anchor cache (ALGORITHM.md section 9): everything a new image needs from its anchors.
 
-Tensors, by safetensors key:
-  shared/p{pass}/s{step}/h{half}/{layer}/k|v  anchors' keys/values of the tokens in their dropout
-                                              masks, per pass, `up` self-attention layer, step
-                                              and CFG half (0 uncond, 1 cond); model dtype
-  inject/s{step}/{layer}                      anchors' pre-injection attention outputs (cond half)
-                                              of the tokens in their subject masks, pass 2
-  anchor/dift                                 anchors' smoothed DIFT features (A, C, H, W)
-  anchor/mask/{grid}                          anchors' final pass-1 subject masks (A, N)
-Metadata (JSON in the safetensors header): subjects, anchor prompts, seeds, config, model id and
-fingerprint, size, dtype and the format version. Serialization is safetensors only: loading a
-file never executes code.
+What is stored, and how, is the codec's (`cache_codecs`: "exact" or "compact"); where the
+bytes lie is the layout's (`cache_layout`: one safetensors file that splits into chunks and is
+read in place). Metadata (JSON in the safetensors header): subjects, anchor prompts, seeds,
+config, model id and fingerprint, dtype, codec and the format version. Loading a file never
+executes code.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
-import tempfile
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import load_file as st_load_file
-from safetensors.torch import save as st_save
 
+from .cache_codecs import CODECS, codec_for
+from .cache_layout import CHUNK_BYTES, CacheBuffers, LayoutError, map_file, read_buffer, read_buffers, serialize, write_file
 from .config import ConsiStoryConfig
 
 FORMAT = "consistory.anchor_cache"
@@ -47,8 +39,15 @@ class AnchorCache:
     model_id: str
     model_fingerprint: str
     dtype: str
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    codec: str = "exact"
+    tensors: MutableMapping[str, torch.Tensor] | Mapping[str, torch.Tensor] = field(default_factory=dict)
     storage_device: str | None = None  # where recorded tensors are put (None: where computed)
+
+    def __post_init__(self) -> None:
+        if self.codec not in CODECS:
+            raise ValueError(f"cache_codec must be one of {', '.join(CODECS)} (got {self.codec!r})")
+        self._codec = codec_for(self)
+        self._copies_pending = False
 
     # --- recording (used while the anchors are generated) ---
     def _store(self, key: str, tensor: torch.Tensor) -> None:
@@ -66,21 +65,30 @@ class AnchorCache:
         self.tensors[key] = t.contiguous()
 
     def _settle(self) -> None:
-        if getattr(self, "_copies_pending", False):
+        if self._copies_pending:
             torch.cuda.synchronize()
             self._copies_pending = False
 
-    def put_shared(self, pass_index: int, layer: str, step: int, half: int, inputs: torch.Tensor) -> None:
-        self._store(f"shared/p{pass_index}/s{step}/h{half}/{layer}", inputs)
+    def put_shared(self, pass_index: int, layer: str, step: int, half: int, inputs: torch.Tensor, attn, grid: str) -> None:
+        """The inputs of an `up` self-attention layer at the anchors' shared tokens (M, C)."""
+        self._codec.put_shared(pass_index, layer, step, half, inputs, attn, grid)
+
+    def put_tokens(self, pass_index: int, step: int, grid: str, mask: torch.Tensor) -> None:
+        """The anchors' dropout masks (A, N) of a pass, step and grid."""
+        self._codec.put_tokens(pass_index, step, grid, mask)
 
     def put_injection(self, layer: str, step: int, bank: torch.Tensor) -> None:
-        self._store(f"inject/s{step}/{layer}", bank)
+        self._codec.put_injection(layer, step, bank)
 
     def put_anchor_features(self, dift: torch.Tensor | None, masks: dict[str, torch.Tensor]) -> None:
         if dift is not None:
-            self._store("anchor/dift", dift)
+            self._codec.put_dift(dift)
         for grid, mask in masks.items():
             self._store(f"anchor/mask/{grid}", mask)
+
+    def finish_recording(self) -> None:
+        self._codec.finish()
+        self._settle()
 
     # --- replay (used while new images are generated) ---
     def _fetch(self, key: str, device) -> torch.Tensor:
@@ -97,19 +105,20 @@ class AnchorCache:
         # the host must complete before the host reads it.
         return tensor.to(device, non_blocking=torch.device(device).type == "cuda")
 
-    def shared_inputs(self, pass_index: int, layer: str, step: int, half: int, device=None, dtype=None):
-        return self._fetch(f"shared/p{pass_index}/s{step}/h{half}/{layer}", device)
+    def shared_inputs(self, pass_index: int, layer: str, step: int, half: int, grid: str, device=None, dtype=None):
+        """(M, C) inputs of `layer` at the anchors' shared tokens, decoded on `device`."""
+        return self._codec.shared_inputs(pass_index, layer, step, half, grid, device, dtype or torch.float32)
 
     def injection(self, layer: str, step: int, device=None, dtype=None) -> torch.Tensor:
-        return self._fetch(f"inject/s{step}/{layer}", device)
+        return self._codec.injection(layer, step, device, dtype or torch.float32)
 
     @property
     def dift(self) -> torch.Tensor:
-        return self._fetch("anchor/dift", None)
+        return self._fetch("anchor/dift", None).float()
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
-        return {k.rsplit("/", 1)[1]: v for k, v in self.tensors.items() if k.startswith("anchor/mask/")}
+        return {k.rsplit("/", 1)[1]: self.tensors[k] for k in self.tensors if k.startswith("anchor/mask/")}
 
     @property
     def n_anchors(self) -> int:
@@ -117,6 +126,8 @@ class AnchorCache:
 
     @property
     def nbytes(self) -> int:
+        if hasattr(self.tensors, "nbytes"):
+            return self.tensors.nbytes
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def to(self, device) -> "AnchorCache":
@@ -141,62 +152,67 @@ class AnchorCache:
             "model_id": self.model_id,
             "model_fingerprint": self.model_fingerprint,
             "dtype": self.dtype,
+            "codec": self.codec,
         }
 
-    # --- serialization (safetensors) ---
+    # --- serialization: safetensors, in chunks, read in place ---
     def metadata(self) -> dict[str, str]:
         values = {**self._fields(), "config": self.config.to_dict()}
         return {"format": FORMAT, "format_version": str(FORMAT_VERSION), "consistory": json.dumps(values)}
 
-    def to_bytes(self) -> bytes:
+    def to_buffers(self, chunk_bytes: int = CHUNK_BYTES) -> CacheBuffers:
+        """The safetensors header and the data section in chunks of at most `chunk_bytes`."""
         self._settle()
-        return st_save({k: v.cpu() for k, v in self.tensors.items()}, metadata=self.metadata())
+        return serialize(self.tensors, self.metadata(), chunk_bytes)
 
     @classmethod
-    def from_bytes(cls, data: bytes, device="cpu") -> "AnchorCache":
-        metadata = _read_metadata(data)
+    def from_buffers(cls, header: Any, chunks: Sequence[Any]) -> "AnchorCache":
+        """A cache whose tensors are views into `chunks` (shared memory, a mapped file): no copy."""
         try:
-            tensors = st_load(data)
-        except Exception as error:  # a damaged body after a readable header
-            raise AnchorCacheError(f"not a readable anchor cache: {error}") from None
-        return cls._from_parts(metadata, tensors, device)
+            metadata, tensors = read_buffers(header, chunks)
+        except LayoutError as error:
+            raise AnchorCacheError(f"not an anchor cache: {error}") from None
+        return cls._from_parts(metadata, tensors)
+
+    def to_bytes(self) -> bytes:
+        return b"".join(self.to_buffers())
+
+    @classmethod
+    def from_bytes(cls, data: Any, device="cpu") -> "AnchorCache":
+        """From a buffer holding a whole file; on the CPU its tensors are views into `data`."""
+        try:
+            metadata, tensors, _ = read_buffer(data)
+        except LayoutError as error:
+            raise AnchorCacheError(f"not an anchor cache: {error}") from None
+        cache = cls._from_parts(metadata, tensors)
+        return cache if torch.device(device).type == "cpu" else cache.to(device)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temp file + rename), so a crash never leaves half a cache."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.to_bytes())
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_file(path, self.to_buffers())
 
     @classmethod
     def load(cls, path: str | os.PathLike, device="cpu") -> "AnchorCache":
+        """Map the file and read it in place (pages load as they are used); `device` other than
+        the CPU copies it there."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no anchor cache at {path}")
-        with open(path, "rb") as f:
-            head = f.read(8)
-            length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-            head += f.read(min(length, path.stat().st_size))
-        metadata = _read_metadata(head)
-        try:  # straight from the file: no second copy of a multi-GB cache in memory
-            tensors = st_load_file(str(path), device=str(device))
-        except Exception as error:
-            raise AnchorCacheError(f"not a readable anchor cache: {error}") from None
-        return cls._from_parts(metadata, tensors, device)
+        try:
+            mapped = map_file(path)
+        except LayoutError as error:
+            raise AnchorCacheError(f"not an anchor cache: {error}") from None
+        return cls.from_bytes(mapped, device)
 
     @classmethod
-    def _from_parts(cls, metadata: dict[str, str], tensors: dict[str, torch.Tensor], device) -> "AnchorCache":
-        values = json.loads(metadata["consistory"])
-        values["config"] = ConsiStoryConfig.from_dict(values["config"])
-        return cls(**values, tensors={k: v.to(device) for k, v in tensors.items()})
+    def _from_parts(cls, metadata: dict[str, str], tensors: Mapping[str, torch.Tensor]) -> "AnchorCache":
+        _check_format(metadata)
+        try:
+            values = json.loads(metadata["consistory"])
+            values["config"] = ConsiStoryConfig.from_dict(values["config"])
+            return cls(**values, tensors=tensors)
+        except (ValueError, TypeError, KeyError) as error:
+            raise AnchorCacheError(f"not an anchor cache: its metadata is malformed ({error})") from None
 
     def check_compatible(self, model_fingerprint: str, config: ConsiStoryConfig) -> None:
         """Refuse a cache made by another model or with other settings, saying which."""
@@ -214,29 +230,12 @@ class AnchorCache:
             )
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _read_metadata(data: bytes) -> dict[str, str]:
-    """The safetensors header's metadata, checked to be a ConsiStory anchor cache of our version."""
-    if len(data) < 8:
-        raise AnchorCacheError("not an anchor cache: the data is too short to be a safetensors file")
-    (length,) = struct.unpack("<Q", data[:8])
-    if length > len(data) - 8:
-        raise AnchorCacheError("not an anchor cache: the safetensors header is truncated")
-    try:
-        header = json.loads(data[8 : 8 + length])
-    except ValueError:
-        raise AnchorCacheError("not an anchor cache: the safetensors header is not JSON") from None
-    metadata = header.get("__metadata__") or {}
+def _check_format(metadata: dict[str, str]) -> None:
+    """Refuse anything but a ConsiStory anchor cache of this format version, saying why."""
     if metadata.get("format") != FORMAT or "consistory" not in metadata:
         raise AnchorCacheError("not an anchor cache: the safetensors file has no ConsiStory metadata")
     if metadata.get("format_version") != str(FORMAT_VERSION):
         raise AnchorCacheError(
             f"anchor cache format version {metadata.get('format_version')} is not supported "
-            f"(this version reads {FORMAT_VERSION}); create the anchors again"
+            f"(this version reads {FORMAT_VERSION}); create the anchors again to recreate the cache"
         )
-    return metadata

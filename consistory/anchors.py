@@ -69,13 +69,17 @@ class LiveAnchors:
         if key != self._index_key:
             self._index_key, self._index = key, {}
         if grid not in self._index:
-            self._index[grid] = shared_token_index(state.dropout_masks[grid][: self.n_anchors].to(device))
+            masks = state.dropout_masks[grid][: self.n_anchors]
+            self._index[grid] = shared_token_index(masks.to(device))
+            if self.recorder is not None:
+                self.recorder.put_tokens(state.pass_index, state.step, grid, masks)
         return self._index[grid]
 
     def shared_tokens(self, state, layer, half, attn, x, k, v, grid) -> SharedTokens:
         index, blocks = self._shared_index(state, grid, k.device)
         if self.recorder is not None:
-            self.recorder.put_shared(state.pass_index, layer, state.step, half, gather_shared_tokens(x, self.n_anchors, index))
+            inputs = gather_shared_tokens(x, self.n_anchors, index)
+            self.recorder.put_shared(state.pass_index, layer, state.step, half, inputs, attn, grid)
         return gather_shared_tokens(k, self.n_anchors, index), gather_shared_tokens(v, self.n_anchors, index), blocks
 
     def injection_bank(self, state, layer, out_cond) -> torch.Tensor:
@@ -107,7 +111,7 @@ class CachedAnchors:
         self.row_anchor = torch.full((n_images,), -1)
 
     def shared_tokens(self, state, layer, half, attn, x, k, v, grid) -> SharedTokens:
-        inputs = self.cache.shared_inputs(state.pass_index, layer, state.step, half, device=x.device, dtype=x.dtype)
+        inputs = self.cache.shared_inputs(state.pass_index, layer, state.step, half, grid, device=x.device, dtype=x.dtype)
         # The layer's own projections (square, no bias on SDXL) give the anchors' keys/values.
         return attn.to_k(inputs), attn.to_v(inputs), None  # new images see every anchor token
 
