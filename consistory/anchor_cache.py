@@ -19,7 +19,17 @@ from typing import Any, Sequence
 import torch
 
 from .cache_codecs import CODECS, codec_for
-from .cache_layout import CHUNK_BYTES, CacheBuffers, LayoutError, map_file, read_buffer, read_buffers, serialize, write_file
+from .cache_layout import (
+    CHUNK_BYTES,
+    CacheBuffers,
+    LayoutError,
+    LazyTensors,
+    map_file,
+    read_buffer,
+    read_buffers,
+    serialize,
+    write_file,
+)
 from .config import ConsiStoryConfig
 
 FORMAT = "consistory.anchor_cache"
@@ -131,7 +141,10 @@ class AnchorCache:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def to(self, device) -> "AnchorCache":
-        """A copy with every tensor on `device` (e.g. "cpu" to keep the cache off the GPU)."""
+        """A copy with every tensor on `device` (e.g. "cpu" to keep the cache off the GPU); a
+        cache read in place stays in place when asked for the CPU."""
+        if isinstance(self.tensors, LazyTensors) and torch.device(device).type == "cpu":
+            return self
         self._settle()
         moved = {k: v.to(device) for k, v in self.tensors.items()}
         return AnchorCache(**{**self._fields(), "tensors": moved})

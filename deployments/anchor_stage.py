@@ -1,10 +1,10 @@
 """AnchorStage: one anchor batch per new subject; the serial part of the service.
 
-It answers with the anchor images (PNG bytes) and the anchor cache as an ObjectRef inside a
-list (a bare ObjectRef in a result would be resolved by Ray; inside a list it travels as a
-reference, so the cache's bytes never pass through the Ingress). This replica owns that object:
-if it dies, the object dies with it, which is why the cache and the subject record are
-persisted to the artifact store before the answer, and Generators know how to get them back.
+It answers with the anchor images (PNG bytes) and a `CacheHandle`: the anchor cache's header and
+one ObjectRef per chunk (inside the handle the refs travel as references, so the cache's bytes
+never pass through the Ingress). This replica owns those objects: if it dies, they die with it,
+which is why the cache and the subject record are persisted to the artifact store before the
+answer, and Generators know how to get them back.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import asyncio
 import time
 from typing import Any
 
-import ray
 from ray import serve
 
+from .cache_transport import put_cache
 from .images import encode_png
+from .messages import AnchorsResult, CacheHandle
 from .models import ModelReplica
 from .subjects import SubjectRecord, cache_key, save_record
 
@@ -33,6 +34,7 @@ def record_for(subject_id: str, cache, cache_nbytes: int) -> SubjectRecord:
         created_at=time.time(),
         cache_key=cache_key(subject_id),
         cache_nbytes=cache_nbytes,
+        cache_codec=cache.codec,
     )
 
 
@@ -40,7 +42,7 @@ def record_for(subject_id: str, cache, cache_nbytes: int) -> SubjectRecord:
 class AnchorStage(ModelReplica):
     async def create(
         self, subject_id: str, prompts: list[str], subjects: list[str], seed: int, config: dict[str, Any]
-    ) -> dict[str, Any]:
+    ) -> AnchorsResult:
         from consistory import ConsiStoryConfig
 
         started = time.perf_counter()
@@ -54,25 +56,25 @@ class AnchorStage(ModelReplica):
             output_type="pil",
             # Off the GPU: the cache is serialized right away, and GPU memory is for the next batch.
             cache_device="cpu",
+            cache_codec=self.settings.cache_codec,
         )
         generated = time.perf_counter()
-        pngs, cache_ref, cache_nbytes = await asyncio.to_thread(self._persist, subject_id, out)
-        return {
-            "images": pngs,
-            "seeds": list(out.seeds),
-            "cache": [cache_ref],
-            "cache_nbytes": cache_nbytes,
-            "timings": {
+        pngs, handle = await asyncio.to_thread(self._persist, subject_id, out)
+        return AnchorsResult(
+            pngs=pngs,
+            seeds=list(out.seeds),
+            cache=handle,
+            timings={
                 **{f"anchor_{k}": v for k, v in out.timings.items()},
                 "anchor_persist_s": time.perf_counter() - generated,
                 "anchor_stage_s": time.perf_counter() - started,
             },
-        }
+        )
 
-    def _persist(self, subject_id: str, out) -> tuple[list[bytes], Any, int]:
+    def _persist(self, subject_id: str, out) -> tuple[list[bytes], CacheHandle]:
         # The cache first, the record last: a record in the store means a complete subject.
-        # The object store gets the same safetensors bytes, so every reader has one decoder.
-        cache_bytes = out.cache.to_bytes()
-        self.store.put(cache_key(subject_id), cache_bytes, "application/octet-stream")
-        save_record(self.store, record_for(subject_id, out.cache, len(cache_bytes)))
-        return [encode_png(image) for image in out.images], ray.put(cache_bytes), len(cache_bytes)
+        # The store and the object store get the same chunks: one layout, one reader.
+        buffers = out.cache.to_buffers(self.settings.cache_chunk_bytes)
+        self.store.put_parts(cache_key(subject_id), list(buffers), "application/octet-stream")
+        save_record(self.store, record_for(subject_id, out.cache, buffers.nbytes))
+        return [encode_png(image) for image in out.images], put_cache(buffers)

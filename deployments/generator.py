@@ -1,11 +1,13 @@
 """Generator: new images of a subject from its anchor cache, one image per call.
 
 Reached through Serve's model multiplexing with the subject id as the model id, so requests
-for a subject go to replicas that already hold its cache; each replica keeps the last
-`cache_lru_size` caches on its device (Serve's multiplex LRU). A cache it does not hold comes,
-in this order, from:
-  1. the object store, through the ObjectRef the caller offers (fast; dies with its owner);
-  2. the artifact store (the AnchorStage persisted it before answering);
+for a subject go to replicas that already hold its cache; each replica keeps caches up to
+`cache_lru_bytes` (least recently used out first). A cache it does not hold comes, in this
+order, from:
+  1. the object store, through the `CacheHandle` the caller offers: read in place from the
+     node's shared memory (dies with its owner);
+  2. the artifact store (the AnchorStage persisted it before answering): a mapped file or one
+     download buffer;
   3. a rebuild from the subject record: the anchors regenerated with the record's prompts,
      seeds and config are bit-identical, and so is their cache. It is persisted again.
 So a request never fails because the replica that made a cache is gone.
@@ -22,18 +24,27 @@ from ray import serve
 from ray.exceptions import GetTimeoutError, ObjectLostError
 
 from .artifact_store import ArtifactNotFound
+from .cache_transport import get_cache
 from .images import encode_png
+from .messages import CacheHandle, ImageResult
 from .models import ModelReplica
 from .subjects import cache_key, load_record, record_key, subject_prefix
 
 logger = logging.getLogger("ray.serve")
 
+# Serve keeps a replica's multiplexed models in this attribute of the loader function.
+_MULTIPLEX_ATTRIBUTE = "__serve_multiplex_wrapper"
+# A count bound far above any byte budget's worth of caches: the byte budget does the evicting.
+_MAX_SUBJECTS = 1024
+
 
 class LoadedCache:
-    """An anchor cache on this replica's device, and where it came from."""
+    """An anchor cache on this replica, and where it came from."""
 
-    def __init__(self, cache, source: str) -> None:
+    def __init__(self, cache, source: str, handle: Optional[CacheHandle] = None) -> None:
         self.cache = cache
+        self.nbytes = cache.nbytes
+        self.handle = handle  # keeps the chunks it reads in place referenced
         self._source: Optional[str] = source
 
     def take_source(self) -> str:
@@ -46,68 +57,88 @@ class LoadedCache:
 class Generator(ModelReplica):
     def __init__(self, settings: dict[str, Any]) -> None:
         super().__init__(settings)
-        # ObjectRefs offered by callers, read by the loader (which only receives the subject id).
-        self._offered: dict[str, list[Any]] = {}
+        # Handles offered by callers, read by the loader (which only receives the subject id).
+        self._offered: dict[str, CacheHandle] = {}
 
         async def load(subject_id: str) -> LoadedCache:
             return await self._load(subject_id)
 
-        # Wired at init time because the LRU size is configuration, not code; Serve 2.60
-        # detects a multiplexed function stored on the instance.
-        self._cache_for = serve.multiplexed(max_num_models_per_replica=self.settings.cache_lru_size)(load)
+        self._load_fn = load
+        self._cache_for = serve.multiplexed(max_num_models_per_replica=_MAX_SUBJECTS)(load)
 
-    async def generate(self, cache_refs: Optional[list[Any]], prompt: str, seed: int) -> dict[str, Any]:
+    async def generate(self, cache: Optional[CacheHandle], prompt: str, seed: int) -> ImageResult:
         """One new image of the subject named by the request's multiplexed model id."""
         subject_id = serve.get_multiplexed_model_id()
         if not subject_id:
             raise RuntimeError("Generator.generate needs handle.options(multiplexed_model_id=<subject id>)")
         started = time.perf_counter()
-        if cache_refs:
-            self._offered[subject_id] = cache_refs
+        if cache is not None:
+            self._offered[subject_id] = cache
         try:
             loaded = await self._cache_for(subject_id)
         finally:
             self._offered.pop(subject_id, None)  # never pin an object longer than needed
+        await self._evict_over_budget()
         source = loaded.take_source()
         cache_ready = time.perf_counter()
         pipe = self.runner.pipeline
         out = await self.runner.run(pipe.generate_from_anchors, loaded.cache, [prompt], [seed], output_type="pil")
         png = await asyncio.to_thread(encode_png, out.images[0])
-        return {
-            "png": png,
-            "seed": out.seeds[0],
-            "cache_source": source,
-            "timings": {"cache_s": cache_ready - started, **out.timings, "generator_s": time.perf_counter() - started},
-        }
+        return ImageResult(
+            png=png,
+            seed=out.seeds[0],
+            cache_source=source,
+            timings={"cache_s": cache_ready - started, **out.timings, "generator_s": time.perf_counter() - started},
+        )
+
+    async def cache_stats(self) -> dict[str, Any]:
+        """The caches this replica holds: subjects (least recently used first) and bytes."""
+        models = self._multiplexed_models()
+        return {"subjects": list(models), "bytes": sum(m.nbytes for m in models.values()),
+                "budget_bytes": self.settings.cache_lru_bytes}
+
+    def _multiplexed_models(self) -> dict[str, LoadedCache]:
+        wrapper = getattr(self._load_fn, _MULTIPLEX_ATTRIBUTE, None)
+        return wrapper.models if wrapper is not None else {}
+
+    async def _evict_over_budget(self) -> None:
+        """Unload least recently used caches until the rest fit `cache_lru_bytes` (the one just
+        used always stays)."""
+        wrapper = getattr(self._load_fn, _MULTIPLEX_ATTRIBUTE, None)
+        if wrapper is None:
+            return
+        while len(wrapper.models) > 1 and sum(m.nbytes for m in wrapper.models.values()) > self.settings.cache_lru_bytes:
+            await wrapper.unload_model_lru()
+            wrapper._push_multiplexed_replica_info = True  # tell the router what this replica holds now
 
     async def _load(self, subject_id: str) -> LoadedCache:
         from consistory import AnchorCache, AnchorCacheError
 
-        data = await self._from_object_store(subject_id)
-        source = "object_store"
-        if data is None:
-            source = "artifact_store"
+        handle = self._offered.get(subject_id)
+        try:
+            if handle is not None:
+                cache = await self._from_object_store(subject_id, handle)
+                if cache is not None:
+                    return self._checked(cache, "object_store", handle)
             try:
-                data = await asyncio.to_thread(self.store.get, cache_key(subject_id))
+                data = await asyncio.to_thread(self.store.get_buffer, cache_key(subject_id))
             except ArtifactNotFound:
                 logger.warning("subject %s: no cache in the artifact store; rebuilding it", subject_id)
                 return LoadedCache(await self._rebuild(subject_id), "rebuilt")
-        try:
-            cache = await asyncio.to_thread(lambda: self._place(AnchorCache.from_bytes(data, "cpu")))
-            # A cache of another model or settings (weights changed under the same id, say)
-            # would fail every request for this subject; the record rebuilds a fitting one.
-            cache.check_compatible(self.runner.pipeline.model_fingerprint, cache.config)
-            return LoadedCache(cache, source)
-        except AnchorCacheError as error:  # a damaged or outdated artifact: the record still holds
-            logger.warning("subject %s: unusable cache from the %s (%s); rebuilding it", subject_id, source, error)
+            return self._checked(AnchorCache.from_bytes(data), "artifact_store")
+        except AnchorCacheError as error:  # a damaged or outdated cache: the record still holds
+            logger.warning("subject %s: unusable cache (%s); rebuilding it", subject_id, error)
             return LoadedCache(await self._rebuild(subject_id), "rebuilt")
 
-    async def _from_object_store(self, subject_id: str) -> Optional[bytes]:
-        refs = self._offered.get(subject_id)
-        if not refs:
-            return None
+    def _checked(self, cache, source: str, handle: Optional[CacheHandle] = None) -> LoadedCache:
+        # A cache of another model or settings (weights changed under the same id, say) would
+        # fail every request for this subject; raising here sends it to a rebuild.
+        cache.check_compatible(self.runner.pipeline.model_fingerprint, cache.config)
+        return LoadedCache(self._place(cache), source, handle)
+
+    async def _from_object_store(self, subject_id: str, handle: CacheHandle):
         try:
-            return await asyncio.wait_for(refs[0], timeout=self.settings.object_fetch_timeout_s)
+            return await get_cache(handle, self.settings.object_fetch_timeout_s)
         except (ObjectLostError, GetTimeoutError, asyncio.TimeoutError) as error:
             # ObjectLostError covers OwnerDiedError, ObjectFreedError, ObjectFetchTimedOutError,
             # ReferenceCountingAssertionError and failed reconstruction.
@@ -127,20 +158,22 @@ class Generator(ModelReplica):
             record.seeds[0],
             ConsiStoryConfig.from_dict(record.config),
             output_type="latent",  # only the cache is wanted; skip decoding the anchors
+            cache_device="cpu",
+            cache_codec=self.settings.cache_codec,
         )
         await asyncio.to_thread(self._persist_rebuilt, subject_id, out.cache)
-        return await asyncio.to_thread(self._place, out.cache)
+        return self._place(out.cache)
 
     def _place(self, cache):
-        """The cache where `cache_memory` says: on the model's device, or in host memory (pinned
-        when the model is on a GPU, so per-layer copies overlap the denoising work)."""
-        device = self.runner.pipeline.device
+        """The cache where `cache_memory` says: copied once to the model's device, or left where
+        it lies in host memory (each layer is copied to the device as the loop needs it)."""
         if self.settings.cache_memory == "device":
-            return cache.to(device)
-        return cache.pin_memory() if device.type == "cuda" else cache.to("cpu")
+            return cache.to(self.runner.pipeline.device)
+        return cache
 
     def _persist_rebuilt(self, subject_id: str, cache) -> None:
-        self.store.put(cache_key(subject_id), cache.to_bytes(), "application/octet-stream")
+        buffers = cache.to_buffers(self.settings.cache_chunk_bytes)
+        self.store.put_parts(cache_key(subject_id), list(buffers), "application/octet-stream")
         if not self.store.exists(record_key(subject_id)):
             # Deleted while it was being rebuilt: leave no cache without a record behind.
             self.store.delete_prefix(subject_prefix(subject_id))

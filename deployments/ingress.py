@@ -20,6 +20,7 @@ from ray.serve.handle import DeploymentHandle
 from .artifact_store import LocalArtifactStore, artifact_store_from_config
 from .checks import check_prompts, check_seeds, check_subjects, first_seed, request_config
 from .images import to_b64
+from .messages import AnchorsResult, ImageResult
 from .remote import CacheRefs, call, gather_in_order, unavailable
 from .schemas import (
     DeletedOut,
@@ -143,14 +144,14 @@ class Ingress:
             return image
 
         stored = [
-            self._store_image(subject_id, request_id, i, body.prompts[i], anchors["seeds"][i], png,
+            self._store_image(subject_id, request_id, i, body.prompts[i], anchors.seeds[i], png,
                               body.response_format, request)
-            for i, png in enumerate(anchors["images"])
+            for i, png in enumerate(anchors.pngs)
         ]
         images = await gather_in_order(stored + [new_image(i) for i in range(n_anchors, len(body.prompts))])
         done = time.perf_counter()
         timings = {
-            **anchors["timings"],
+            **anchors.timings,
             "anchors_s": anchors_done - started,
             "images_s": done - anchors_done,
             "total_s": done - started,
@@ -171,11 +172,11 @@ class Ingress:
         anchors = await self._anchors(subject_id, body.prompts, body.subjects, seed, config)
         images = await gather_in_order(
             self._store_image(
-                subject_id, request_id, i, prompt, anchors["seeds"][i], png, body.response_format, request
+                subject_id, request_id, i, prompt, anchors.seeds[i], png, body.response_format, request
             )
-            for i, (prompt, png) in enumerate(zip(body.prompts, anchors["images"]))
+            for i, (prompt, png) in enumerate(zip(body.prompts, anchors.pngs))
         )
-        timings = {**anchors["timings"], "total_s": time.perf_counter() - started}
+        timings = {**anchors.timings, "total_s": time.perf_counter() - started}
         return ImagesResponse(subject_id=subject_id, images=images, timings=timings)
 
     @app.get("/v1/subjects/{subject_id}", response_model=SubjectOut)
@@ -245,25 +246,25 @@ class Ingress:
 
     async def _anchors(
         self, subject_id: str, prompts: list[str], subjects: list[str], seed: int, config
-    ) -> dict[str, Any]:
-        result = await call(
+    ) -> AnchorsResult:
+        result: AnchorsResult = await call(
             lambda: self.anchor_stage.create.remote(subject_id, prompts, subjects, seed, config.to_dict()),
             "anchor stage",
             self.settings.retry_after_s,
         )
-        self.refs.put(subject_id, result["cache"])
+        self.refs.put(subject_id, result.cache)
         return result
 
     async def _new_image(self, subject_id: str, request_id: str, index: int, prompt: str, seed: int,
                          response_format: str, request: Request) -> ImageOut:
-        refs = self.refs.get(subject_id)
+        cache = self.refs.get(subject_id)
         handle = self.generator.options(multiplexed_model_id=subject_id)
-        result = await call(
-            lambda: handle.generate.remote(refs, prompt, seed), "generator", self.settings.retry_after_s
+        result: ImageResult = await call(
+            lambda: handle.generate.remote(cache, prompt, seed), "generator", self.settings.retry_after_s
         )
-        if refs is not None and result["cache_source"] in ("artifact_store", "rebuilt"):
+        if cache is not None and result.cache_source in ("artifact_store", "rebuilt"):
             self.refs.drop(subject_id)  # its owner is gone; later calls go to the store directly
-        return await self._store_image(subject_id, request_id, index, prompt, result["seed"], result["png"],
+        return await self._store_image(subject_id, request_id, index, prompt, result.seed, result.png,
                                        response_format, request)
 
     async def _store_image(self, subject_id: str, request_id: str, index: int, prompt: str, seed: int,

@@ -89,17 +89,17 @@ async def gather_in_order(awaitables: Iterable[Awaitable[T]]) -> list[T]:
 
 
 class CacheRefs:
-    """The anchor caches' ObjectRefs this Ingress holds, newest last, at most `capacity`.
+    """The anchor caches' handles this Ingress holds, newest last, at most `capacity`.
 
-    Holding a ref keeps its object in Ray's object store; dropping old ones bounds that memory.
-    A subject whose ref was dropped (or lost with its owner) is loaded from the artifact store.
+    Holding a handle keeps its chunks in Ray's object store; dropping old ones bounds that memory.
+    A subject whose handle was dropped (or lost with its owner) is loaded from the artifact store.
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._refs: OrderedDict[str, list[Any]] = OrderedDict()
+        self._refs: OrderedDict[str, Any] = OrderedDict()
 
-    def put(self, subject_id: str, refs: list[Any]) -> None:
+    def put(self, subject_id: str, refs: Any) -> None:
         if self.capacity <= 0:
             return
         self._refs[subject_id] = refs
@@ -107,7 +107,7 @@ class CacheRefs:
         while len(self._refs) > self.capacity:
             self._refs.popitem(last=False)
 
-    def get(self, subject_id: str) -> Optional[list[Any]]:
+    def get(self, subject_id: str) -> Optional[Any]:
         refs = self._refs.get(subject_id)
         if refs is not None:
             self._refs.move_to_end(subject_id)

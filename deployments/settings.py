@@ -7,11 +7,28 @@ resources. A typo in the config fails `serve run` with the field's name, not a r
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 PRESET_PREFIX = "preset:"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value: Any) -> Any:
+    """A byte count from an int or a string such as "8GB", "512 MiB" (decimal and binary units)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().upper().replace(" ", "")
+    number = text.rstrip("KMGTIB")
+    unit = text[len(number):]
+    if unit not in _UNITS or not number:
+        raise ValueError(f"{value!r} is not a byte size; write e.g. 8000000000, \"8GB\" or \"512MiB\"")
+    return int(float(number) * _UNITS[unit])
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_bytes), Field(ge=1)]
 
 
 class _Strict(BaseModel):
@@ -98,10 +115,17 @@ class ServiceSettings(_Strict):
     limits: RequestLimits = RequestLimits()
     # artifact_store_from_config settings; CONSISTORY_STORE* / CONSISTORY_S3_* env vars win.
     store: dict[str, Any] = Field(default_factory=dict)
-    cache_lru_size: int = Field(4, ge=1)  # anchor caches kept per Generator replica
-    # Where a Generator keeps its caches: "device" (fastest) or "host" (pinned CPU memory, each
-    # layer's tensors copied to the GPU as the denoising loop needs them). At 1024 px a cache is
-    # GBs, so GPU deployments keep them in host memory to hold several subjects per replica.
+    # How anchor caches are stored: "exact" (as computed) or "compact" (8 bits or fewer per
+    # value, about 1/6 of the bytes; new images deviate by a few percent of the method's effect).
+    cache_codec: Literal["exact", "compact"] = "exact"
+    # Bytes of anchor caches a Generator replica keeps (least recently used first out); a cache
+    # larger than this alone is still kept while it is the only one.
+    cache_lru_bytes: ByteSize = 8 * 10**9
+    # Caches cross the object store and S3 in chunks of at most this size.
+    cache_chunk_bytes: ByteSize = 256 * 2**20
+    # Where a Generator keeps its caches: "device" (copied to the model's device once) or "host"
+    # (read in place from the node's shared object store, each layer copied to the GPU as the
+    # denoising loop needs it).
     cache_memory: Literal["device", "host"] = "device"
     ingress_cache_refs: int = Field(64, ge=0)  # cache ObjectRefs the Ingress keeps alive
     object_fetch_timeout_s: float = Field(60.0, gt=0)  # past this a cache is reloaded from the store

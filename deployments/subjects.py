@@ -53,6 +53,7 @@ class SubjectRecord(BaseModel):
     created_at: float
     cache_key: str
     cache_nbytes: int
+    cache_codec: str = "exact"
     format: str = RECORD_FORMAT
     version: int = RECORD_VERSION
 

@@ -57,6 +57,18 @@ def test_put_get_round_trip_binary(store: ArtifactStore) -> None:
     assert store.get("subjects/s1/empty.bin") == b""
 
 
+def test_put_parts_and_get_buffer_round_trip(store: ArtifactStore) -> None:
+    import numpy as np
+
+    parts = [b"header", np.frombuffer(BINARY, dtype=np.uint8), memoryview(BINARY[:1000]), b""]
+    store.put_parts("subjects/s1/anchor_cache.safetensors", parts, "application/octet-stream")
+    expected = b"header" + BINARY + BINARY[:1000]
+    assert store.get("subjects/s1/anchor_cache.safetensors") == expected
+    assert bytes(memoryview(store.get_buffer("subjects/s1/anchor_cache.safetensors"))) == expected
+    with pytest.raises(ArtifactNotFound):
+        store.get_buffer("subjects/nope/anchor_cache.safetensors")
+
+
 def test_exists(store: ArtifactStore) -> None:
     assert not store.exists("subjects/s1/record.json")
     store.put("subjects/s1/record.json", b"{}", "application/json")
@@ -357,3 +369,22 @@ def test_config_s3_store_works_end_to_end(
     store.put("subjects/s1/record.json", b'{"ok": true}', "application/json")
     assert store.get("subjects/s1/record.json") == b'{"ok": true}'
     assert requests.get(store.url("subjects/s1/record.json"), timeout=10).content == b'{"ok": true}'
+
+
+def test_s3_cache_chunks_upload_multipart_and_download_into_one_buffer(
+    s3_endpoint: str, s3_bucket: str, aws_dummy_credentials: None
+) -> None:
+    # A cache's chunks as put_parts gets them: streamed into a multipart upload without being
+    # joined, and read back by ranged GETs into one preallocated buffer.
+    import numpy as np
+
+    part = 5 * 1024 * 1024
+    store = S3ArtifactStore(s3_bucket, prefix=f"mp-{uuid.uuid4().hex[:8]}/", endpoint_url=s3_endpoint,
+                            multipart_threshold=part, multipart_chunksize=part)
+    chunks = [np.frombuffer(os.urandom(n), dtype=np.uint8) for n in (4 * 1024 * 1024, 7 * 1024 * 1024 + 3, 99)]
+    store.put_parts("subjects/s1/anchor_cache.safetensors", [b"header!!"] + chunks, "application/octet-stream")
+    head = s3_client(s3_endpoint).head_object(Bucket=s3_bucket, Key=f"{store.prefix}subjects/s1/anchor_cache.safetensors")
+    assert head["ETag"].strip('"').endswith("-3")
+    buffer = store.get_buffer("subjects/s1/anchor_cache.safetensors")
+    assert isinstance(buffer, np.ndarray) and buffer.nbytes == 8 + sum(c.nbytes for c in chunks)
+    assert buffer.tobytes() == b"header!!" + b"".join(c.tobytes() for c in chunks)

@@ -7,6 +7,7 @@ means the same object on every implementation.
 from __future__ import annotations
 
 import abc
+from typing import Any, Sequence
 
 __all__ = ["ArtifactNotFound", "ArtifactStore", "validate_key", "validate_prefix"]
 
@@ -62,6 +63,16 @@ class ArtifactStore(abc.ABC):
     @abc.abstractmethod
     def get(self, key: str) -> bytes:
         """The bytes under ``key``; raises ``ArtifactNotFound`` if there are none."""
+
+    def put_parts(self, key: str, parts: Sequence[Any], content_type: str) -> None:
+        """Store the concatenation of ``parts`` (bytes-like buffers) under ``key``, all or
+        nothing. Implementations stream the parts instead of joining them into one copy."""
+        self.put(key, b"".join(bytes(memoryview(p)) for p in parts), content_type)
+
+    def get_buffer(self, key: str) -> Any:
+        """The artifact as a read-only buffer, without a second copy where the store allows
+        (a mapped file, a preallocated download buffer); raises ``ArtifactNotFound``."""
+        return self.get(key)
 
     @abc.abstractmethod
     def exists(self, key: str) -> bool:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import tempfile
 from pathlib import Path
+from typing import Any, Sequence
 
 from .base import ArtifactNotFound, ArtifactStore, validate_key, validate_prefix
 
@@ -36,6 +38,9 @@ class LocalArtifactStore(ArtifactStore):
         return path
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
+        self.put_parts(key, [data], content_type)
+
+    def put_parts(self, key: str, parts: Sequence[Any], content_type: str) -> None:
         path = self.path(key)
         # A concurrent delete_prefix may remove the freshly made directory; try again.
         for attempt in range(3):
@@ -48,7 +53,8 @@ class LocalArtifactStore(ArtifactStore):
                     raise
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                for part in parts:
+                    f.write(part)
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; artifacts are meant to be served
@@ -64,6 +70,17 @@ class LocalArtifactStore(ArtifactStore):
         path = self.path(key)
         try:
             return path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ArtifactNotFound(key) from None
+
+    def get_buffer(self, key: str) -> Any:
+        """The file mapped copy-on-write: pages load as they are read and are shared with the
+        page cache, so a multi-GB cache is never copied into the process."""
+        path = self.path(key)
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                return mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else b""
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ArtifactNotFound(key) from None
 

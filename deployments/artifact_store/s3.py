@@ -7,7 +7,9 @@ S3 credentials come only from boto3's normal chain (``AWS_ACCESS_KEY_ID`` /
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, Sequence
+
+import numpy as np
 
 from .base import ArtifactNotFound, ArtifactStore, validate_key, validate_prefix
 
@@ -117,6 +119,40 @@ class S3ArtifactStore(ArtifactStore):
             Config=self.transfer_config,
         )
 
+    def put_parts(self, key: str, parts: Sequence[Any], content_type: str) -> None:
+        # Read straight from the parts: s3transfer copies one multipart chunk at a time, never
+        # the whole payload.
+        self.client.upload_fileobj(
+            _PartsReader(parts),
+            self.bucket,
+            self._object_key(key),
+            ExtraArgs={"ContentType": content_type},
+            Config=self.transfer_config,
+        )
+
+    def get_buffer(self, key: str) -> Any:
+        """Ranged parallel GETs straight into one preallocated buffer (one copy, no second)."""
+        from botocore.exceptions import ClientError
+
+        object_key = self._object_key(key)
+        try:
+            size = int(self.client.head_object(Bucket=self.bucket, Key=object_key)["ContentLength"])
+        except ClientError as err:
+            if not self._is_not_found(err):
+                raise
+            return self._get_after_not_found(key, object_key)
+        buffer = np.empty(size, dtype=np.uint8)
+        if size:
+            try:
+                self.client.download_fileobj(
+                    self.bucket, object_key, _BufferWriter(buffer), Config=self.transfer_config
+                )
+            except ClientError as err:
+                if not self._is_not_found(err):
+                    raise
+                raise ArtifactNotFound(key) from None  # deleted between the HEAD and the GET
+        return buffer
+
     def get(self, key: str) -> bytes:
         from botocore.exceptions import ClientError
 
@@ -208,3 +244,59 @@ class S3ArtifactStore(ArtifactStore):
         if self.region:
             where += f" ({self.region})"
         return where
+
+
+class _PartsReader(io.RawIOBase):
+    """A read-only file over a sequence of buffers, without joining them."""
+
+    def __init__(self, parts: Sequence[Any]) -> None:
+        self._parts = [memoryview(p).cast("B") for p in parts]
+        self._index = 0
+        self._offset = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target) -> int:
+        out = memoryview(target).cast("B")
+        written = 0
+        while written < len(out) and self._index < len(self._parts):
+            part = self._parts[self._index]
+            n = min(len(out) - written, len(part) - self._offset)
+            out[written : written + n] = part[self._offset : self._offset + n]
+            written += n
+            self._offset += n
+            if self._offset == len(part):
+                self._index, self._offset = self._index + 1, 0
+        return written
+
+
+class _BufferWriter(io.RawIOBase):
+    """A seekable writable file over a preallocated buffer (s3transfer writes ranges out of order)."""
+
+    def __init__(self, buffer: np.ndarray) -> None:
+        self._view = memoryview(buffer).cast("B")
+        self._position = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._view)}[whence]
+        self._position = base + offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def write(self, data) -> int:
+        chunk = memoryview(data).cast("B")
+        end = self._position + len(chunk)
+        if end > len(self._view):
+            raise IOError(f"the object is larger than its HEAD said ({end} > {len(self._view)} bytes)")
+        self._view[self._position : end] = chunk
+        self._position = end
+        return len(chunk)
