@@ -109,6 +109,8 @@ class AnchorCache:
             raise AnchorCacheError(
                 f"the anchor cache has no tensor {key!r}: it was made with a different config or model"
             ) from None
+        except LayoutError as error:
+            raise AnchorCacheError(f"the anchor cache is damaged: {error}") from None
         if device is None:
             return tensor
         # Asynchronous only host -> GPU (from pinned memory it overlaps compute); a copy towards

@@ -114,8 +114,10 @@ def serialize(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str], chu
     return CacheBuffers(header, chunks)
 
 
-def parse_header(data: Any) -> tuple[int, dict[str, str], dict[str, TensorEntry]]:
-    """(bytes before the data section, metadata, entries) from a buffer starting with the header."""
+def parse_header(data: Any) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """(bytes before the data section, metadata, raw tensor entries) from a buffer starting with
+    the header. Entries are checked when a tensor is first read (`entry`), so opening a cache of
+    tens of thousands of tensors costs one JSON parse."""
     view = memoryview(data)
     if view.nbytes < 8:
         raise LayoutError("the data is too short to be a safetensors file")
@@ -133,19 +135,21 @@ def parse_header(data: Any) -> tuple[int, dict[str, str], dict[str, TensorEntry]
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise LayoutError("the safetensors metadata must map strings to strings")
-    entries = {}
-    for key, spec in header.items():
-        try:
-            dtype = _DTYPES[spec["dtype"]]
-            shape = tuple(int(n) for n in spec["shape"])
-            start, end = (int(n) for n in spec["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise LayoutError(f"tensor {key!r} has a malformed header entry") from None
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        if min(shape, default=0) < 0 or start < 0 or end - start != count * dtype.itemsize:
-            raise LayoutError(f"tensor {key!r}: its offsets do not match its shape and dtype")
-        entries[key] = TensorEntry(dtype, shape, start, end)
-    return 8 + length, metadata, entries
+    return 8 + length, metadata, header
+
+
+def entry(key: str, spec: Any) -> TensorEntry:
+    """A header entry, checked: known dtype, non-negative shape, offsets that match them."""
+    try:
+        dtype = _DTYPES[spec["dtype"]]
+        shape = tuple(int(n) for n in spec["shape"])
+        start, end = (int(n) for n in spec["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise LayoutError(f"tensor {key!r} has a malformed header entry") from None
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if min(shape, default=0) < 0 or start < 0 or end - start != count * dtype.itemsize:
+        raise LayoutError(f"tensor {key!r}: its offsets do not match its shape and dtype")
+    return TensorEntry(dtype, shape, start, end)
 
 
 def chunk_bounds(metadata: dict[str, str], data_bytes: int) -> list[int]:
@@ -162,17 +166,13 @@ def chunk_bounds(metadata: dict[str, str], data_bytes: int) -> list[int]:
 class LazyTensors(Mapping):
     """Tensors by key, each a view into the chunk that holds it, made on first access."""
 
-    def __init__(self, entries: dict[str, TensorEntry], chunks: Sequence[Any], bounds: Sequence[int]) -> None:
+    def __init__(self, entries: dict[str, Any], chunks: Sequence[Any], bounds: Sequence[int]) -> None:
         if len(chunks) != len(bounds) - 1:
             raise LayoutError(f"{len(chunks)} chunks for {len(bounds) - 1} chunk boundaries")
         for i, chunk in enumerate(chunks):
             if _buffer_len(chunk) != bounds[i + 1] - bounds[i]:
                 raise LayoutError(f"chunk {i} holds {_buffer_len(chunk)} bytes, not {bounds[i + 1] - bounds[i]}")
-        for key, e in entries.items():
-            c = bisect.bisect_right(bounds, e.start) - 1
-            if e.end > e.start and e.end > bounds[min(c + 1, len(bounds) - 1)]:
-                raise LayoutError(f"tensor {key!r} crosses a chunk boundary")
-        self.entries = entries
+        self.entries = entries  # raw header entries, checked on first access
         self.chunks = list(chunks)
         self.bounds = list(bounds)
         self._views: dict[str, torch.Tensor] = {}
@@ -180,13 +180,15 @@ class LazyTensors(Mapping):
     def __getitem__(self, key: str) -> torch.Tensor:
         view = self._views.get(key)
         if view is None:
-            view = self._views[key] = self._view(self.entries[key])
+            view = self._views[key] = self._view(key, entry(key, self.entries[key]))
         return view
 
-    def _view(self, e: TensorEntry) -> torch.Tensor:
+    def _view(self, key: str, e: TensorEntry) -> torch.Tensor:
         if e.end == e.start:
             return torch.empty(e.shape, dtype=e.dtype)
         c = bisect.bisect_right(self.bounds, e.start) - 1
+        if c >= len(self.chunks) or e.end > self.bounds[c + 1]:
+            raise LayoutError(f"tensor {key!r} lies outside its chunk")
         with warnings.catch_warnings():
             # Shared-memory objects and read-only maps are not writable; the cache never writes.
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -201,7 +203,8 @@ class LazyTensors(Mapping):
 
     @property
     def nbytes(self) -> int:
-        return sum(e.end - e.start for e in self.entries.values())
+        """Bytes of tensor data: the data section, which safetensors allows no holes in."""
+        return self.bounds[-1]
 
 
 def read_buffers(header: Any, chunks: Sequence[Any]) -> tuple[dict[str, str], LazyTensors]:
