@@ -130,13 +130,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_anchors(args: argparse.Namespace) -> int:
     prompts, config, model, device = _prepare(args)
     pipe, load_s = open_pipeline(model, device, not args.no_progress)
-    # The cache holds keys/values for every step and layer: keep it in host memory, not on the GPU.
-    out = pipe.create_anchors(prompts, args.subject, seed=args.seed, config=config, cache_device="cpu")
+    # The cache holds layer inputs for every step and layer: keep it in host memory, not on the GPU.
+    out = pipe.create_anchors(prompts, args.subject, seed=args.seed, config=config, cache_device="cpu",
+                              cache_codec=args.codec)
     record = _record("anchors", pipe, prompts, args.subject, out, out.cache.config, load_s)
 
     def save_cache(rec: dict[str, Any]) -> None:
         rec["cache"] = str(out.cache.save(args.save).resolve())
         rec["cache_bytes"] = out.cache.nbytes
+        rec["cache_codec"] = out.cache.codec
         print(f"saved the anchor cache ({out.cache.nbytes / 2**20:.1f} MiB) to {args.save}")
 
     _finish(begin_story_dir(args.out, "anchors.json"), "anchors.json", out.images, record, save_cache)
@@ -220,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_options(anchors)
     _prompt_options(anchors)
     anchors.add_argument("--save", required=True, metavar="PATH", help="where to write the anchor cache")
+    anchors.add_argument("--codec", choices=("exact", "compact"), default="exact",
+                         help="exact: every tensor as computed; compact: 8 bits or fewer per value, "
+                              "about 1/6 of the bytes (default exact)")
     _run_options(anchors, "anchors/")
     anchors.set_defaults(run=cmd_anchors)
 

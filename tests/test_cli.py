@@ -139,3 +139,22 @@ def test_a_file_that_is_not_a_cache_is_refused(tmp_path, capsys):
 def test_help(command, capsys):
     assert main([*command, "--help"]) == 0
     assert "usage: consistory" in capsys.readouterr().out
+
+
+def test_compact_anchors_from_the_command_line_extend_like_the_library(tmp_path):
+    from consistory import AnchorCache, ConsiStoryConfig, ConsiStoryPipeline
+
+    cache = tmp_path / "dog.cache"
+    argv = ["anchors", "--subject", "dog", "--seed", str(SEED), "--save", str(cache), "--codec", "compact"]
+    for prompt in ANCHOR_PROMPTS:
+        argv += ["--prompt", prompt]
+    assert main([*argv, *TINY, "--out", str(tmp_path / "anchors")]) == 0
+    manifest = json.loads((tmp_path / "anchors" / "anchors.json").read_text())
+    assert manifest["cache_codec"] == "compact" and AnchorCache.load(cache).codec == "compact"
+    assert main(["extend", str(cache), "--prompt", NEW_PROMPT, "--no-progress", "--out", str(tmp_path / "more")]) == 0
+    pipe = ConsiStoryPipeline.from_preset("tiny")
+    pipe.set_progress_bar_config(disable=True)
+    config = ConsiStoryConfig(num_inference_steps=3, height=64, width=64)
+    made = pipe.create_anchors(ANCHOR_PROMPTS, ["dog"], seed=SEED, config=config, cache_codec="compact")
+    expected = np.asarray(pipe.generate_from_anchors(made.cache, [NEW_PROMPT]).images[0], dtype=np.int16)
+    assert np.abs(pixels(tmp_path / "more" / "00.png") - expected).max() <= 1
