@@ -19,7 +19,7 @@ from .cache_transport import put_cache
 from .images import encode_png
 from .messages import AnchorsResult, CacheHandle
 from .models import ModelReplica
-from .subjects import SubjectRecord, cache_key, save_record
+from .subjects import SubjectRecord, cache_key, save_record, subject_prefix
 
 
 def record_for(subject_id: str, cache, cache_nbytes: int) -> SubjectRecord:
@@ -75,6 +75,11 @@ class AnchorStage(ModelReplica):
         # The cache first, the record last: a record in the store means a complete subject.
         # The store and the object store get the same chunks: one layout, one reader.
         buffers = out.cache.to_buffers(self.settings.cache_chunk_bytes)
-        self.store.put_parts(cache_key(subject_id), list(buffers), "application/octet-stream")
-        save_record(self.store, record_for(subject_id, out.cache, buffers.nbytes))
+        try:
+            self.store.put_parts(cache_key(subject_id), list(buffers), "application/octet-stream")
+            save_record(self.store, record_for(subject_id, out.cache, buffers.nbytes))
+        except BaseException:
+            # A store that refused a write (a full disk, say) leaves no half subject behind.
+            self.store.delete_prefix(subject_prefix(subject_id))
+            raise
         return [encode_png(image) for image in out.images], put_cache(buffers)

@@ -1,13 +1,14 @@
 """Checks the Ingress makes before any model is touched, each answering a 4xx a person can act on.
 
-The subject-word check is a fast approximation of the library's token match: it accepts a
-prompt if any word of any subject occurs in it as a whole word, case-insensitively. It never
-refuses a prompt the library would accept; the rare prompt it lets through that the library
-refuses (a subject cut off by the 77-token limit) still comes back as a 422 from the model.
+The subject-word check is a fast approximation of the library's token match (one pattern per
+request: any word of any subject as a whole word, any case); `check_subject_tokens` then runs the
+library's own match with the model's tokenizer, so that a prompt whose subject falls past CLIP's
+77 tokens is refused before anything is generated. Callers run these off the event loop.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from typing import Optional, Sequence
@@ -25,21 +26,46 @@ def unprocessable(detail: str) -> HTTPException:
     return HTTPException(status_code=422, detail=detail)
 
 
-def _mentions(prompt: str, word: str) -> bool:
-    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", prompt, flags=re.IGNORECASE) is not None
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def check_text(where: str, text: str) -> None:
+    """Text a tokenizer and a JSON record can take: valid Unicode, no control characters."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise unprocessable(
+            f"{where} contains an unpaired UTF-16 surrogate at character {error.start}; send valid Unicode text"
+        ) from None
+    control = _CONTROL.search(text)
+    if control:
+        raise unprocessable(f"{where} contains a control character ({control.group()!r}) at {control.start()}; remove it")
+
+
+@functools.lru_cache(maxsize=256)
+def subject_pattern(subjects: tuple[str, ...]) -> re.Pattern:
+    """One pattern for all subject words of a request (whole words, any case)."""
+    words = sorted({word for subject in subjects for word in subject.split()}, key=len, reverse=True)
+    return re.compile(r"(?<!\w)(?:" + "|".join(re.escape(w) for w in words) + r")(?!\w)", re.IGNORECASE)
 
 
 def prompt_mentions_subject(prompt: str, subjects: Sequence[str]) -> bool:
-    return any(_mentions(prompt, word) for subject in subjects for word in subject.split())
+    return subject_pattern(tuple(subjects)).search(prompt) is not None
 
 
 def check_subjects(subjects: Sequence[str], settings: ServiceSettings) -> None:
-    limit = settings.limits.max_subjects
-    if len(subjects) > limit:
-        raise unprocessable(f"too many subjects: {len(subjects)} given, at most {limit} per request")
+    limits = settings.limits
+    if len(subjects) > limits.max_subjects:
+        raise unprocessable(f"too many subjects: {len(subjects)} given, at most {limits.max_subjects} per request")
     for i, subject in enumerate(subjects):
+        check_text(f"subjects[{i}]", subject)
         if not subject.strip():
             raise unprocessable(f"subjects[{i}] is empty; give a word or phrase such as \"corgi\"")
+        if len(subject) > limits.max_subject_chars or len(subject.split()) > limits.max_subject_words:
+            raise unprocessable(
+                f"subjects[{i}] is too long; a subject is a word or short phrase of at most "
+                f"{limits.max_subject_words} words and {limits.max_subject_chars} characters"
+            )
 
 
 def check_prompts(prompts: Sequence[str], subjects: Sequence[str], settings: ServiceSettings) -> None:
@@ -50,15 +76,30 @@ def check_prompts(prompts: Sequence[str], subjects: Sequence[str], settings: Ser
             "split them over several requests (POST /v1/subjects/{id}/images adds images to a subject)"
         )
     for i, prompt in enumerate(prompts):
+        check_text(f"prompts[{i}]", prompt)
         if not prompt.strip():
             raise unprocessable(f"prompts[{i}] is empty; every prompt needs text naming the subject")
         if len(prompt) > limits.max_prompt_chars:
             raise unprocessable(f"prompts[{i}] has {len(prompt)} characters; at most {limits.max_prompt_chars}")
         if not prompt_mentions_subject(prompt, subjects):
             raise unprocessable(
-                f"prompts[{i}] ({prompt!r}) contains none of the subjects {list(subjects)!r}; "
+                f"prompts[{i}] ({prompt[:200]!r}) contains none of the subjects {list(subjects)!r}; "
                 "name the subject in every prompt (e.g. \"a photo of the corgi at the beach\")"
             )
+
+
+def check_subject_tokens(tokenizer, prompts: Sequence[str], subjects: Sequence[str]) -> None:
+    """The library's own token match (subjects within the prompt's first 77 tokens), before any
+    model is called, so a story never fails after its anchors for a prompt the model refuses."""
+    from consistory.errors import InputError
+    from consistory.subject_tokens import find_subject_tokens
+
+    if tokenizer is None:
+        return
+    try:
+        find_subject_tokens(tokenizer, prompts, subjects)
+    except InputError as error:
+        raise unprocessable(str(error)) from None
 
 
 def _check_size(name: str, value: int, limit: int) -> None:
@@ -83,6 +124,10 @@ def request_config(fields: SamplingFields, n_anchors: int, settings: ServiceSett
         raise unprocessable(f"too many anchors: {n_anchors}, at most {limits.max_anchors}")
     changes = {"num_inference_steps": steps, "height": height, "width": width, "n_anchors": n_anchors}
     if fields.guidance_scale is not None:
+        if fields.guidance_scale > limits.max_guidance_scale:
+            raise unprocessable(
+                f"guidance_scale must be at most {limits.max_guidance_scale:g} (got {fields.guidance_scale:g})"
+            )
         changes["guidance_scale"] = fields.guidance_scale
     if fields.mask_dropout is not None:
         changes["mask_dropout"] = fields.mask_dropout

@@ -51,8 +51,10 @@ def run_app(
     """Deploy one more app on the running Serve instance; returns its base URL once ready."""
     from ray import serve
 
-    serve.run(build_app(args), name=name, route_prefix=route_prefix)
     base_url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
+    # Image URLs of the local store start with the address this app is reached at.
+    args = {"public_base_url": base_url, **args}
+    serve.run(build_app(args), name=name, route_prefix=route_prefix)
     wait_ready(base_url, ready_timeout_s)
     return base_url
 

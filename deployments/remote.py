@@ -2,17 +2,19 @@
 
 Failures of a call map to answers a client can act on:
   full queue (Serve's BackPressureError)         503 + Retry-After
-  deployment or replica gone (after retries)     503 + Retry-After
+  replica or its node gone (retried twice)       503 + Retry-After
+  replica process died during this call          503 + Retry-After, not retried (the request
+                                                 may be what killed it: out of memory, say)
+  the artifact store failed                      503 + Retry-After, generic detail
   bad input found by the library (InputError)    422 with the library's message
-  anything else raised in a replica              500
   unknown subject (deleted meanwhile)            404
+  anything else raised in a replica              500 with the request id (details in the log)
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections import OrderedDict
 from typing import Any, Awaitable, Callable, Iterable, Optional, TypeVar
 
@@ -22,6 +24,9 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from consistory.errors import InputError
 
+from .artifact_store import ArtifactStoreError
+from .http_edge import current_request_id
+from .responses import store_unavailable, unavailable
 from .subjects import UnknownSubject
 
 logger = logging.getLogger("ray.serve")
@@ -40,10 +45,14 @@ def original_error(error: BaseException) -> BaseException:
     return error
 
 
-def unavailable(detail: str, retry_after_s: float) -> HTTPException:
-    return HTTPException(
-        status_code=503, detail=detail, headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))}
-    )
+def _lost_for_another_reason(error: BaseException) -> bool:
+    """Whether a replica was lost to something other than the call itself: its node died or was
+    drained, it was stopped (scale-down, ray.kill), or it was not reachable. A worker process
+    that died while running the call is not retried: the call may be what killed it."""
+    if isinstance(error, ReplicaUnavailableError) or getattr(error, "preempted", False):
+        return True
+    message = str(error)
+    return any(sign in message for sign in ("its node has died", "killed by `ray.kill`", "unavailable"))
 
 
 async def call(make: Callable[[], Awaitable[T]], what: str, retry_after_s: float) -> T:
@@ -57,22 +66,29 @@ async def call(make: Callable[[], Awaitable[T]], what: str, retry_after_s: float
         except DeploymentUnavailableError:
             raise unavailable(f"the {what} is not running; retry later", retry_after_s) from None
         except (RayActorError, ReplicaUnavailableError) as error:
+            if not _lost_for_another_reason(error):
+                logger.error("%s: a worker died while running the call [request %s]: %s", what, current_request_id(), error)
+                raise unavailable(f"a {what} worker died while making this request; retry later", retry_after_s) from None
             if attempt == _ATTEMPTS:
                 raise unavailable(f"the {what} lost its worker {attempt} times; retry later", retry_after_s) from None
             logger.warning("%s call failed on a lost replica (%s); retrying", what, type(error).__name__)
             await asyncio.sleep(_BACKOFF_S * attempt)
         except RayTaskError as error:
-            raise _from_replica(original_error(error), what) from None
+            raise _from_replica(original_error(error), what, retry_after_s) from None
     raise AssertionError("unreachable")
 
 
-def _from_replica(cause: BaseException, what: str) -> HTTPException:
+def _from_replica(cause: BaseException, what: str, retry_after_s: float) -> HTTPException:
     if isinstance(cause, UnknownSubject):
         return HTTPException(status_code=404, detail=str(cause))
     if isinstance(cause, InputError):  # the request was wrong; any other error is ours
         return HTTPException(status_code=422, detail=str(cause))
-    logger.error("%s failed: %r", what, cause)
-    return HTTPException(status_code=500, detail=f"the {what} failed: {type(cause).__name__}: {cause}")
+    if isinstance(cause, ArtifactStoreError):
+        logger.error("%s: artifact store failed [request %s]: %s", what, current_request_id(), cause)
+        return store_unavailable(retry_after_s)
+    logger.error("%s failed [request %s]: %r", what, current_request_id(), cause)
+    # Never the replica's message: it can carry paths and internals.
+    return HTTPException(status_code=500, detail=f"the {what} failed; report request id {current_request_id()}")
 
 
 async def gather_in_order(awaitables: Iterable[Awaitable[T]]) -> list[T]:

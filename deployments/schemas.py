@@ -16,6 +16,11 @@ from .subjects import SubjectRecord
 
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 ResponseFormat = Literal["url", "b64_json"]
+# Hard caps of the request shape, whatever the configured limits (which `checks.py` applies and
+# which are lower): they bound what a request can make the service parse and check.
+Prompt = Annotated[str, Field(min_length=1, max_length=4000)]
+Subject = Annotated[str, Field(min_length=1, max_length=400)]
+MAX_LIST = 64
 
 _PROMPTS = "Prompts, in order; each must contain at least one of the subject words."
 _SUBJECTS = "Subject words or phrases kept consistent across images, e.g. [\"corgi\"]."
@@ -23,37 +28,40 @@ _FORMAT = "\"url\" (default): each image as a URL; \"b64_json\": each image as b
 
 
 class _Body(BaseModel):
-    # A misspelt field ("prompt", "num_steps") is an error, not a silently used default.
-    model_config = ConfigDict(extra="forbid")
+    # A misspelt field ("prompt", "num_steps") is an error, not a silently used default; Infinity
+    # and NaN are not numbers a request may carry.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class SamplingFields(_Body):
     """Optional sampling settings; where left out, the service's configured defaults apply."""
 
     seed: Optional[Seed] = Field(None, description="Image i gets seed + i; random when left out.")
-    steps: Optional[int] = Field(None, ge=1, description="Denoising steps.")
-    height: Optional[int] = Field(None, description="Image height in pixels, a multiple of 8.")
-    width: Optional[int] = Field(None, description="Image width in pixels, a multiple of 8.")
-    guidance_scale: Optional[float] = Field(None, ge=0, description="Classifier-free guidance scale.")
+    steps: Optional[int] = Field(None, ge=1, le=10_000, description="Denoising steps.")
+    height: Optional[int] = Field(None, ge=1, le=100_000, description="Image height in pixels, a multiple of 8.")
+    width: Optional[int] = Field(None, ge=1, le=100_000, description="Image width in pixels, a multiple of 8.")
+    guidance_scale: Optional[float] = Field(None, ge=0, description="Classifier-free guidance scale (finite).")
     mask_dropout: Optional[float] = Field(None, ge=0, le=1, description="Subject-mask dropout of SDSA.")
     response_format: ResponseFormat = Field("url", description=_FORMAT)
 
 
 class StoryRequest(SamplingFields):
-    prompts: list[str] = Field(..., min_length=1, description=_PROMPTS + " The first n_anchors are the anchors.")
-    subjects: list[str] = Field(..., min_length=1, description=_SUBJECTS)
-    n_anchors: Optional[int] = Field(None, ge=1, description="How many leading prompts are anchors.")
+    prompts: list[Prompt] = Field(..., min_length=1, max_length=MAX_LIST,
+                                  description=_PROMPTS + " The first n_anchors are the anchors.")
+    subjects: list[Subject] = Field(..., min_length=1, max_length=MAX_LIST, description=_SUBJECTS)
+    n_anchors: Optional[int] = Field(None, ge=1, le=MAX_LIST,
+                                     description="How many leading prompts are anchors (at most all of them).")
 
 
 class SubjectRequest(SamplingFields):
-    prompts: list[str] = Field(..., min_length=1, description="The anchor prompts. " + _PROMPTS)
-    subjects: list[str] = Field(..., min_length=1, description=_SUBJECTS)
+    prompts: list[Prompt] = Field(..., min_length=1, max_length=MAX_LIST, description="The anchor prompts. " + _PROMPTS)
+    subjects: list[Subject] = Field(..., min_length=1, max_length=MAX_LIST, description=_SUBJECTS)
 
 
 class ImagesRequest(_Body):
-    prompts: list[str] = Field(..., min_length=1, description=_PROMPTS)
+    prompts: list[Prompt] = Field(..., min_length=1, max_length=MAX_LIST, description=_PROMPTS)
     seeds: Optional[list[Seed]] = Field(
-        None, description="One seed per prompt; by default they continue the anchors' seeds."
+        None, max_length=MAX_LIST, description="One seed per prompt; by default they continue the anchors' seeds."
     )
     response_format: ResponseFormat = Field("url", description=_FORMAT)
 
@@ -81,6 +89,12 @@ class DeletedOut(BaseModel):
     deleted: bool
 
 
+class ErrorOut(BaseModel):
+    """Every error answer: one sentence saying what is wrong and what to do."""
+
+    detail: str
+
+
 class HealthOut(BaseModel):
     status: str
 
@@ -88,5 +102,4 @@ class HealthOut(BaseModel):
 class ReadyOut(BaseModel):
     status: str
     model: str
-    store: str
-    replicas: dict[str, dict]
+    replicas: dict[str, dict]  # per model deployment: running replicas and Serve's status

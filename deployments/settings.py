@@ -56,6 +56,11 @@ class RequestLimits(_Strict):
     max_width: int = Field(1024, ge=32)
     max_steps: int = Field(100, ge=1)
     max_prompt_chars: int = Field(1000, ge=1)
+    max_subject_chars: int = Field(100, ge=1)
+    max_subject_words: int = Field(8, ge=1)
+    max_guidance_scale: float = Field(30.0, gt=0, allow_inf_nan=False)
+    # Larger bodies get 413 before they are parsed; a full request at the largest limits is ~20 KB.
+    max_body_bytes: ByteSize = 64 * 1024
 
 
 class DeploymentResources(_Strict):
@@ -130,6 +135,13 @@ class ServiceSettings(_Strict):
     ingress_cache_refs: int = Field(64, ge=0)  # cache ObjectRefs the Ingress keeps alive
     object_fetch_timeout_s: float = Field(60.0, gt=0)  # past this a cache is reloaded from the store
     url_expires_s: int = Field(3600, ge=1, le=7 * 24 * 3600)
+    # The address clients reach the service at (behind a load balancer: its public URL); local-store
+    # image URLs start with it. Unset, they are paths on the service. Never taken from the Host header.
+    public_base_url: Optional[str] = Field(None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
+    # Signs local-store image URLs; CONSISTORY_URL_SIGNING_KEY wins. Unset, each deployment of the
+    # app makes its own (URLs then stop working when the app is deployed again).
+    url_signing_key: Optional[str] = Field(None, min_length=16)
+    ready_cache_s: float = Field(2.0, ge=0)  # /readyz answers from a cache this young
     retry_after_s: float = Field(5.0, ge=0)
     ready_timeout_s: float = Field(5.0, gt=0)
     ingress: DeploymentResources = DeploymentResources(

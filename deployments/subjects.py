@@ -24,7 +24,7 @@ from .artifact_store import ArtifactNotFound, ArtifactStore
 
 RECORD_FORMAT = "consistory.subject"
 RECORD_VERSION = 1
-_SUBJECT_ID = re.compile(r"^[0-9a-f]{32}$")
+_SUBJECT_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class UnknownSubject(KeyError):
@@ -80,7 +80,8 @@ def new_request_id() -> str:
 
 
 def is_subject_id(text: str) -> bool:
-    return bool(_SUBJECT_ID.match(text))
+    # fullmatch: "$" would also accept a trailing newline
+    return isinstance(text, str) and _SUBJECT_ID.fullmatch(text) is not None
 
 
 def subject_prefix(subject_id: str) -> str:

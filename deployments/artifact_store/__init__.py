@@ -12,7 +12,7 @@ and ``config`` (``artifact_store_from_config`` and the environment variables it 
 from __future__ import annotations
 
 # validate_key / validate_prefix: importable from here as before the split, though not in __all__.
-from .base import ArtifactNotFound, ArtifactStore, validate_key, validate_prefix  # noqa: F401
+from .base import ArtifactNotFound, ArtifactStore, ArtifactStoreError, validate_key, validate_prefix  # noqa: F401
 from .config import artifact_store_from_config
 from .local import LocalArtifactStore
 from .s3 import S3ArtifactStore
@@ -20,6 +20,7 @@ from .s3 import S3ArtifactStore
 __all__ = [
     "ArtifactNotFound",
     "ArtifactStore",
+    "ArtifactStoreError",
     "LocalArtifactStore",
     "S3ArtifactStore",
     "artifact_store_from_config",

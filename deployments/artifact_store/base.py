@@ -7,9 +7,12 @@ means the same object on every implementation.
 from __future__ import annotations
 
 import abc
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Sequence, TypeVar
 
-__all__ = ["ArtifactNotFound", "ArtifactStore", "validate_key", "validate_prefix"]
+F = TypeVar("F", bound=Callable[..., Any])
+
+__all__ = ["ArtifactNotFound", "ArtifactStore", "ArtifactStoreError", "validate_key", "validate_prefix"]
 
 
 class ArtifactNotFound(KeyError):
@@ -21,6 +24,30 @@ class ArtifactNotFound(KeyError):
 
     def __str__(self) -> str:  # KeyError would print repr(key) only
         return f"no artifact stored under key {self.key!r}"
+
+
+class ArtifactStoreError(RuntimeError):
+    """The store failed (a full disk, a refused write, an unreachable bucket): not the caller's
+    fault, worth retrying later. The message may name paths or buckets: log it, do not show it."""
+
+
+def store_errors(*failures: type[BaseException]) -> Callable[[F], F]:
+    """Decorate a store method so that `failures` (the backend's own errors) leave it as
+    ArtifactStoreError; ArtifactNotFound and ValueError (a bad key) pass unchanged."""
+
+    def decorate(method: F) -> F:
+        @functools.wraps(method)
+        def wrapped(*args, **kwargs):
+            try:
+                return method(*args, **kwargs)
+            except (ArtifactNotFound, ValueError):
+                raise
+            except failures as error:
+                raise ArtifactStoreError(f"{type(error).__name__}: {error}") from error
+
+        return wrapped  # type: ignore[return-value]
+
+    return decorate
 
 
 def validate_key(key: str) -> str:

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from .base import ArtifactNotFound, ArtifactStore, validate_key, validate_prefix
+from .base import ArtifactNotFound, ArtifactStore, store_errors, validate_key, validate_prefix
 
 __all__ = ["LocalArtifactStore"]
 
@@ -40,6 +40,7 @@ class LocalArtifactStore(ArtifactStore):
     def put(self, key: str, data: bytes, content_type: str) -> None:
         self.put_parts(key, [data], content_type)
 
+    @store_errors(OSError)
     def put_parts(self, key: str, parts: Sequence[Any], content_type: str) -> None:
         path = self.path(key)
         # A concurrent delete_prefix may remove the freshly made directory; try again.
@@ -66,6 +67,7 @@ class LocalArtifactStore(ArtifactStore):
                 pass
             raise
 
+    @store_errors(OSError)
     def get(self, key: str) -> bytes:
         path = self.path(key)
         try:
@@ -73,6 +75,7 @@ class LocalArtifactStore(ArtifactStore):
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ArtifactNotFound(key) from None
 
+    @store_errors(OSError)
     def get_buffer(self, key: str) -> Any:
         """The file mapped copy-on-write: pages load as they are read and are shared with the
         page cache, so a multi-GB cache is never copied into the process."""
@@ -84,9 +87,11 @@ class LocalArtifactStore(ArtifactStore):
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ArtifactNotFound(key) from None
 
+    @store_errors(OSError)
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
 
+    @store_errors(OSError)
     def delete_prefix(self, prefix: str) -> int:
         validate_prefix(prefix)
         # Every match lies under the directory part of the prefix.

@@ -11,7 +11,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .base import ArtifactNotFound, ArtifactStore, validate_key, validate_prefix
+from botocore.exceptions import BotoCoreError, ClientError
+
+from .base import ArtifactNotFound, ArtifactStore, ArtifactStoreError, store_errors, validate_key, validate_prefix
 
 __all__ = ["S3ArtifactStore"]
 
@@ -108,6 +110,7 @@ class S3ArtifactStore(ArtifactStore):
         code = str((getattr(err, "response", None) or {}).get("Error", {}).get("Code", ""))
         return code in ("NoSuchKey", "404", "NotFound")
 
+    @store_errors(BotoCoreError, ClientError, OSError)
     def put(self, key: str, data: bytes, content_type: str) -> None:
         # io.BytesIO(bytes) shares the caller's buffer (copy on write): no second copy of
         # a multi-GB payload.
@@ -119,6 +122,7 @@ class S3ArtifactStore(ArtifactStore):
             Config=self.transfer_config,
         )
 
+    @store_errors(BotoCoreError, ClientError, OSError)
     def put_parts(self, key: str, parts: Sequence[Any], content_type: str) -> None:
         # Read straight from the parts: s3transfer copies one multipart chunk at a time, never
         # the whole payload.
@@ -130,6 +134,7 @@ class S3ArtifactStore(ArtifactStore):
             Config=self.transfer_config,
         )
 
+    @store_errors(BotoCoreError, ClientError, OSError)
     def get_buffer(self, key: str) -> Any:
         """Ranged parallel GETs straight into one preallocated buffer (one copy, no second)."""
         from botocore.exceptions import ClientError
@@ -153,6 +158,7 @@ class S3ArtifactStore(ArtifactStore):
                 raise ArtifactNotFound(key) from None  # deleted between the HEAD and the GET
         return buffer
 
+    @store_errors(BotoCoreError, ClientError, OSError)
     def get(self, key: str) -> bytes:
         from botocore.exceptions import ClientError
 
@@ -187,6 +193,7 @@ class S3ArtifactStore(ArtifactStore):
         with response["Body"] as body:
             return body.read()
 
+    @store_errors(BotoCoreError, ClientError, OSError)
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
@@ -198,6 +205,7 @@ class S3ArtifactStore(ArtifactStore):
             raise  # e.g. 403: a permissions problem must not read as "absent"
         return True
 
+    @store_errors(BotoCoreError, ClientError, OSError)
     def delete_prefix(self, prefix: str) -> int:
         validate_prefix(prefix)
         paginator = self.client.get_paginator("list_objects_v2")
@@ -220,12 +228,13 @@ class S3ArtifactStore(ArtifactStore):
         errors = response.get("Errors", [])
         if errors:
             first = errors[0]
-            raise RuntimeError(
+            raise ArtifactStoreError(
                 f"S3 refused to delete {len(errors)} of {len(batch)} objects in bucket "
                 f"{self.bucket!r}; first: {first.get('Key')!r}: {first.get('Code')} {first.get('Message')}"
             )
         return len(batch)
 
+    @store_errors(BotoCoreError, ClientError, OSError)
     def url(self, key: str, expires_s: int = 3600) -> str:
         if not 1 <= int(expires_s) <= _MAX_PRESIGN_EXPIRES_S:
             raise ValueError(
