@@ -229,6 +229,18 @@ class AnchorCache:
         except (ValueError, TypeError, KeyError) as error:
             raise AnchorCacheError(f"not an anchor cache: its metadata is malformed ({error})") from None
 
+    def check_structure(self, unet, vae_scale_factor: int = 8) -> None:
+        """Refuse a damaged or incomplete cache (a missing, extra or misshapen tensor for this
+        UNet's layers), reading only the header; checked once per cache object."""
+        from .cache_check import structure_problem
+
+        if getattr(self, "_structure_ok", None) is unet:
+            return
+        problem = structure_problem(self, unet, vae_scale_factor)
+        if problem:
+            raise AnchorCacheError(f"the anchor cache is damaged or incomplete: {problem}; create the anchors again")
+        self._structure_ok = unet
+
     def check_compatible(self, model_fingerprint: str, config: ConsiStoryConfig) -> None:
         """Refuse a cache made by another model or with other settings, saying which."""
         if model_fingerprint != self.model_fingerprint:

@@ -109,11 +109,21 @@ class CachedAnchors:
     def __init__(self, cache: "AnchorCache", n_images: int) -> None:
         self.cache = cache
         self.row_anchor = torch.full((n_images,), -1)
+        self._projected: tuple | None = None  # (key, [(k, v) of each CFG half])
 
     def shared_tokens(self, state, layer, half, attn, x, k, v, grid) -> SharedTokens:
-        inputs = self.cache.shared_inputs(state.pass_index, layer, state.step, half, grid, device=x.device, dtype=x.dtype)
-        # The layer's own projections (square, no bias on SDXL) give the anchors' keys/values.
-        return attn.to_k(inputs), attn.to_v(inputs), None  # new images see every anchor token
+        key = (state.pass_index, layer, state.step)
+        if self._projected is None or self._projected[0] != key:
+            inputs = [self.cache.shared_inputs(state.pass_index, layer, state.step, h, grid, device=x.device, dtype=x.dtype)
+                      for h in (0, 1)]
+            rows = inputs[0].shape[0]
+            both = torch.cat(inputs)
+            # The layer's own projections (square, no bias on SDXL) give the anchors' keys and
+            # values; both CFG halves in one product.
+            keys, values = attn.to_k(both), attn.to_v(both)
+            self._projected = (key, [(keys[:rows], values[:rows]), (keys[rows:], values[rows:])])
+        k_shared, v_shared = self._projected[1][half]
+        return k_shared, v_shared, None  # new images see every anchor token
 
     def injection_bank(self, state, layer, out_cond) -> torch.Tensor:
         return self.cache.injection(layer, state.step, device=out_cond.device, dtype=out_cond.dtype)

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 CHUNK_BYTES = 256 * 2**20
-MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+# Headers of full-size caches are a few MB; safetensors itself allows 100 MB.
+MAX_HEADER_BYTES = 16 * 2**20
 
 _DTYPE_NAMES = {
     torch.float64: "F64",

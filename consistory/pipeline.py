@@ -176,6 +176,7 @@ class ConsiStoryPipeline:
         """
         config = config or cache.config
         cache.check_compatible(self.model_fingerprint, config)
+        cache.check_structure(self.sdxl.unet, self.sdxl.vae_scale_factor)
         prompts = text_list(prompts, "prompts")
         if seeds is None:
             seeds = consecutive_seeds(cache.seeds[0] + cache.n_anchors, len(prompts))

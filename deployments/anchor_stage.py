@@ -19,10 +19,10 @@ from .cache_transport import put_cache
 from .images import encode_png
 from .messages import AnchorsResult, CacheHandle
 from .models import ModelReplica
-from .subjects import SubjectRecord, cache_key, save_record, subject_prefix
+from .subjects import SubjectRecord, cache_key, save_record, sha256_of, subject_prefix
 
 
-def record_for(subject_id: str, cache, cache_nbytes: int) -> SubjectRecord:
+def record_for(subject_id: str, cache, buffers) -> SubjectRecord:
     """The subject record, read off the cache itself so the two can never disagree."""
     return SubjectRecord(
         subject_id=subject_id,
@@ -33,8 +33,9 @@ def record_for(subject_id: str, cache, cache_nbytes: int) -> SubjectRecord:
         model=cache.model_id,
         created_at=time.time(),
         cache_key=cache_key(subject_id),
-        cache_nbytes=cache_nbytes,
+        cache_nbytes=buffers.nbytes,
         cache_codec=cache.codec,
+        cache_sha256=sha256_of(buffers),
     )
 
 
@@ -77,7 +78,7 @@ class AnchorStage(ModelReplica):
         buffers = out.cache.to_buffers(self.settings.cache_chunk_bytes)
         try:
             self.store.put_parts(cache_key(subject_id), list(buffers), "application/octet-stream")
-            save_record(self.store, record_for(subject_id, out.cache, buffers.nbytes))
+            save_record(self.store, record_for(subject_id, out.cache, buffers))
         except BaseException:
             # A store that refused a write (a full disk, say) leaves no half subject behind.
             self.store.delete_prefix(subject_prefix(subject_id))

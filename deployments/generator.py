@@ -7,16 +7,22 @@ order, from:
   1. the object store, through the `CacheHandle` the caller offers: read in place from the
      node's shared memory (dies with its owner);
   2. the artifact store (the AnchorStage persisted it before answering): a mapped file or one
-     download buffer;
+     download buffer, checked against the sha256 in the subject record;
   3. a rebuild from the subject record: the anchors regenerated with the record's prompts,
-     seeds and config are bit-identical, and so is their cache. It is persisted again.
-So a request never fails because the replica that made a cache is gone.
+     seeds and config are bit-identical, and so is their cache. It is persisted again, and the
+     record updated. One replica rebuilds (it holds a lease in the store); the others wait.
+Every cache is checked before use (its model, its settings, every tensor's name, dtype and shape),
+and one that fails is rebuilt. So a request never fails because the replica that made a cache
+is gone, or because the stored copy is damaged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
+import socket
 import time
 from typing import Any, Optional
 
@@ -28,7 +34,18 @@ from .cache_transport import get_cache
 from .images import encode_png
 from .messages import CacheHandle, ImageResult
 from .models import ModelReplica
-from .subjects import cache_key, load_record, record_key, subject_prefix
+from .subjects import (
+    SubjectRecord,
+    acquire_rebuild_lease,
+    cache_key,
+    load_record,
+    rebuild_lease_held,
+    record_key,
+    release_rebuild_lease,
+    save_record,
+    sha256_of,
+    subject_prefix,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -65,6 +82,9 @@ class Generator(ModelReplica):
 
         self._load_fn = load
         self._cache_for = serve.multiplexed(max_num_models_per_replica=_MAX_SUBJECTS)(load)
+        self._replica_name = f"{socket.gethostname()}:{os.getpid()}"
+        self.rebuilds = 0  # caches this replica rebuilt
+        self.rebuilt_by_others = 0  # caches it waited for while another replica rebuilt them
 
     async def generate(self, cache: Optional[CacheHandle], prompt: str, seed: int) -> ImageResult:
         """One new image of the subject named by the request's multiplexed model id."""
@@ -95,7 +115,8 @@ class Generator(ModelReplica):
         """The caches this replica holds: subjects (least recently used first) and bytes."""
         models = self._multiplexed_models()
         return {"subjects": list(models), "bytes": sum(m.nbytes for m in models.values()),
-                "budget_bytes": self.settings.cache_lru_bytes}
+                "budget_bytes": self.settings.cache_lru_bytes, "rebuilds": self.rebuilds,
+                "rebuilt_by_others": self.rebuilt_by_others}
 
     def _multiplexed_models(self) -> dict[str, LoadedCache]:
         wrapper = getattr(self._load_fn, _MULTIPLEX_ATTRIBUTE, None)
@@ -112,44 +133,95 @@ class Generator(ModelReplica):
             wrapper._push_multiplexed_replica_info = True  # tell the router what this replica holds now
 
     async def _load(self, subject_id: str) -> LoadedCache:
-        from consistory import AnchorCache, AnchorCacheError
-
         handle = self._offered.get(subject_id)
-        try:
-            if handle is not None:
-                cache = await self._from_object_store(subject_id, handle)
-                if cache is not None:
-                    return self._checked(cache, "object_store", handle)
-            try:
-                data = await asyncio.to_thread(self.store.get_buffer, cache_key(subject_id))
-            except ArtifactNotFound:
-                logger.warning("subject %s: no cache in the artifact store; rebuilding it", subject_id)
-                return LoadedCache(await self._rebuild(subject_id), "rebuilt")
-            return self._checked(AnchorCache.from_bytes(data), "artifact_store")
-        except AnchorCacheError as error:  # a damaged or outdated cache: the record still holds
-            logger.warning("subject %s: unusable cache (%s); rebuilding it", subject_id, error)
-            return LoadedCache(await self._rebuild(subject_id), "rebuilt")
+        if handle is not None:
+            cache = await self._from_object_store(subject_id, handle)
+            if cache is not None:
+                return LoadedCache(cache, "object_store", handle)
+        record = await asyncio.to_thread(load_record, self.store, subject_id)
+        cache = await asyncio.to_thread(self._from_artifact_store, record)
+        if cache is not None:
+            return LoadedCache(cache, "artifact_store")
+        return LoadedCache(await self._rebuild(record), "rebuilt")
 
-    def _checked(self, cache, source: str, handle: Optional[CacheHandle] = None) -> LoadedCache:
-        # A cache of another model or settings (weights changed under the same id, say) would
-        # fail every request for this subject; raising here sends it to a rebuild.
-        cache.check_compatible(self.runner.pipeline.model_fingerprint, cache.config)
-        return LoadedCache(self._place(cache), source, handle)
+    def _usable(self, cache, subject_id: str, source: str):
+        """The cache placed for use, or None if it is damaged, foreign or outdated (then the
+        record rebuilds it: a cache of another model or settings would fail every request)."""
+        from consistory import AnchorCacheError
+
+        pipe = self.runner.pipeline
+        try:
+            cache.check_compatible(pipe.model_fingerprint, cache.config)
+            cache.check_structure(pipe.sdxl.unet, pipe.sdxl.vae_scale_factor)
+            return self._place(cache)
+        except AnchorCacheError as error:
+            logger.warning("subject %s: unusable cache from the %s (%s)", subject_id, source, error)
+            return None
 
     async def _from_object_store(self, subject_id: str, handle: CacheHandle):
+        from consistory import AnchorCacheError
+
         try:
-            return await get_cache(handle, self.settings.object_fetch_timeout_s)
+            cache = await get_cache(handle, self.settings.object_fetch_timeout_s)
         except (ObjectLostError, GetTimeoutError, asyncio.TimeoutError) as error:
             # ObjectLostError covers OwnerDiedError, ObjectFreedError, ObjectFetchTimedOutError,
             # ReferenceCountingAssertionError and failed reconstruction.
             logger.warning("subject %s: cache object unavailable (%s); using the artifact store",
                            subject_id, type(error).__name__)
             return None
+        except AnchorCacheError as error:
+            logger.warning("subject %s: cache object unreadable (%s); using the artifact store", subject_id, error)
+            return None
+        return self._usable(cache, subject_id, "object store")
 
-    async def _rebuild(self, subject_id: str):
+    def _from_artifact_store(self, record: SubjectRecord):
+        """The stored cache, checked against the record's sha256; None if absent or unusable."""
+        from consistory import AnchorCache, AnchorCacheError
+
+        subject_id = record.subject_id
+        try:
+            data = self.store.get_buffer(cache_key(subject_id))
+        except ArtifactNotFound:
+            logger.warning("subject %s: no cache in the artifact store", subject_id)
+            return None
+        if record.cache_sha256 is not None and hashlib.sha256(data).hexdigest() != record.cache_sha256:
+            logger.warning("subject %s: the stored cache does not match its record's sha256", subject_id)
+            return None
+        try:
+            cache = AnchorCache.from_bytes(data)
+        except AnchorCacheError as error:
+            logger.warning("subject %s: unreadable stored cache (%s)", subject_id, error)
+            return None
+        return self._usable(cache, subject_id, "artifact store")
+
+    async def _rebuild(self, record: SubjectRecord):
+        """Rebuild the cache from the record, once across the service: the holder of the store's
+        rebuild lease rebuilds, the others wait for it and read what it stored."""
+        subject_id = record.subject_id
+        owner = f"{self._replica_name}:{time.time()}"
+        lease_s = self.settings.rebuild_lease_s
+        deadline = time.monotonic() + lease_s
+        while True:
+            if await asyncio.to_thread(acquire_rebuild_lease, self.store, subject_id, owner, lease_s):
+                try:
+                    return await self._rebuild_here(record)
+                finally:
+                    await asyncio.to_thread(release_rebuild_lease, self.store, subject_id)
+            logger.info("subject %s: another replica is rebuilding its cache; waiting for it", subject_id)
+            while await asyncio.to_thread(rebuild_lease_held, self.store, subject_id):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"subject {subject_id}: its cache rebuild took over {lease_s:.0f} s")
+                await asyncio.sleep(0.5)
+            record = await asyncio.to_thread(load_record, self.store, subject_id)
+            cache = await asyncio.to_thread(self._from_artifact_store, record)
+            if cache is not None:
+                self.rebuilt_by_others += 1
+                return cache
+
+    async def _rebuild_here(self, record: SubjectRecord):
         from consistory import ConsiStoryConfig
 
-        record = await asyncio.to_thread(load_record, self.store, subject_id)
+        logger.warning("subject %s: rebuilding its cache from the record", record.subject_id)
         pipe = self.runner.pipeline
         out = await self.runner.run(
             pipe.create_anchors,
@@ -161,7 +233,8 @@ class Generator(ModelReplica):
             cache_device="cpu",
             cache_codec=self.settings.cache_codec,
         )
-        await asyncio.to_thread(self._persist_rebuilt, subject_id, out.cache)
+        await asyncio.to_thread(self._persist_rebuilt, record, out.cache)
+        self.rebuilds += 1
         return self._place(out.cache)
 
     def _place(self, cache):
@@ -171,9 +244,17 @@ class Generator(ModelReplica):
             return cache.to(self.runner.pipeline.device)
         return cache
 
-    def _persist_rebuilt(self, subject_id: str, cache) -> None:
+    def _persist_rebuilt(self, record: SubjectRecord, cache) -> None:
+        """The cache, then the record with the new cache's checksum (a rebuild on other hardware
+        may differ in the last bits), unless the subject was deleted meanwhile."""
+        subject_id = record.subject_id
         buffers = cache.to_buffers(self.settings.cache_chunk_bytes)
         self.store.put_parts(cache_key(subject_id), list(buffers), "application/octet-stream")
         if not self.store.exists(record_key(subject_id)):
             # Deleted while it was being rebuilt: leave no cache without a record behind.
             self.store.delete_prefix(subject_prefix(subject_id))
+            return
+        save_record(self.store, record.model_copy(update={
+            "cache_nbytes": buffers.nbytes, "cache_sha256": sha256_of(buffers), "cache_codec": cache.codec,
+            "rebuilds": record.rebuilds + 1,
+        }))

@@ -24,7 +24,7 @@ from ray.serve.handle import DeploymentHandle
 from .artifact_store import LocalArtifactStore, artifact_store_from_config
 from .checks import check_prompts, check_seeds, check_subject_tokens, check_subjects, first_seed, request_config, unprocessable
 from .images import to_b64
-from .ingress_app import app, body_limit, logger, retry_after
+from .ingress_app import app, edge_limits, logger
 from .messages import AnchorsResult, ImageResult
 from .readiness import Readiness
 from .remote import CacheRefs, call, gather_in_order
@@ -56,6 +56,7 @@ from .subjects import (
 )
 
 ARTIFACTS = "/v1/artifacts"
+SIGNING_KEY = "service/url-signing-key"  # in the local store, readable by this service only
 NO_IMAGE = "no image at this address: it was never made, its subject was deleted, or it has expired"
 
 
@@ -113,9 +114,10 @@ class Ingress:
         self.refs = CacheRefs(self.settings.ingress_cache_refs)
         self.readiness = Readiness(self.settings.ready_cache_s)
         key = os.environ.get("CONSISTORY_URL_SIGNING_KEY") or self.settings.url_signing_key
-        self._signing_key = (key or secrets.token_hex(32)).encode()
-        body_limit.max_bytes = self.settings.limits.max_body_bytes
-        retry_after["seconds"] = self.settings.retry_after_s
+        self._signing_key = key.encode() if key else self._shared_signing_key()
+        edge_limits.max_bytes = self.settings.limits.max_body_bytes
+        edge_limits.deadline_s = self.settings.request_deadline_s
+        edge_limits.retry_after_s = self.settings.retry_after_s
         self._tokenizer = _load_tokenizer(self.settings.model)
 
     # --- probes ---
@@ -271,13 +273,30 @@ class Ingress:
         return _ForgetOnFailure(self, subject_id)
 
     async def _anchors(self, subject_id: str, prompts: list[str], subjects: list[str], seed: int, config) -> "AnchorsResult":
-        result: AnchorsResult = await call(
+        made = asyncio.ensure_future(call(
             lambda: self.anchor_stage.create.remote(subject_id, prompts, subjects, seed, config.to_dict()),
             "anchor stage",
             self.settings.retry_after_s,
-        )
+        ))
+        try:
+            # Shielded: a client that leaves does not stop the anchors halfway through persisting
+            # them (which would leave a subject whose id nobody has); they finish, then go.
+            result: AnchorsResult = await asyncio.shield(made)
+        except asyncio.CancelledError:
+            asyncio.ensure_future(self._forget_when_done(made, subject_id))
+            raise
         self.refs.put(subject_id, result.cache)
         return result
+
+    async def _forget_when_done(self, made: "asyncio.Future", subject_id: str) -> None:
+        try:
+            await made
+        except BaseException:
+            pass  # a failed anchor batch persists nothing (the AnchorStage cleans up after itself)
+        try:
+            await asyncio.to_thread(self.store.delete_prefix, subject_prefix(subject_id))
+        except Exception:
+            logger.exception("could not remove subject %s after its client left", subject_id)
 
     async def _new_image(self, subject_id: str, request_id: str, index: int, prompt: str, seed: int,
                          response_format: str) -> ImageOut:
@@ -297,6 +316,15 @@ class Ingress:
         if response_format == "b64_json":
             return ImageOut(index=index, prompt=prompt, seed=seed, b64_json=to_b64(png))
         return ImageOut(index=index, prompt=prompt, seed=seed, url=await self._url(key))
+
+    def _shared_signing_key(self) -> bytes:
+        """One key for every Ingress replica, made by the first to start: a URL signed by one
+        replica must open on any other behind the same load balancer."""
+        if not isinstance(self.store, LocalArtifactStore):
+            return secrets.token_hex(32).encode()  # unused: S3 presigns its own URLs
+        if self.store.create_exclusive(SIGNING_KEY, secrets.token_hex(32).encode(), "text/plain"):
+            os.chmod(self.store.path(SIGNING_KEY), 0o600)
+        return self.store.get(SIGNING_KEY)
 
     async def _url(self, key: str) -> str:
         expires = self.settings.url_expires_s

@@ -1,6 +1,6 @@
 """The Ingress's FastAPI application: what wraps every route.
 
-- `HttpEdge` (request ids, body limits) around everything;
+- `HttpEdge` (request ids, body limits, the service's own deadline) around everything;
 - error bodies are always `{"detail": "<one sentence>"}`, as the OpenAPI schema says: validation
   problems in one sentence per field (422), the artifact store's failures as 503 with
   Retry-After and a generic detail, anything unexpected as 500 with the request id only;
@@ -20,7 +20,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from .artifact_store import ArtifactStoreError
-from .http_edge import BodyLimit, HttpEdge, RequestIdLogFilter, current_request_id
+from .http_edge import EdgeLimits, HttpEdge, RequestIdLogFilter, current_request_id
 from .responses import store_unavailable
 
 logger = logging.getLogger("ray.serve")
@@ -34,11 +34,9 @@ app = FastAPI(
     docs_url=None,  # served below, with local assets
     redoc_url=None,
 )
-body_limit = BodyLimit()
-app.add_middleware(HttpEdge, limit=body_limit)
+edge_limits = EdgeLimits()
+app.add_middleware(HttpEdge, limit=edge_limits)
 app.mount("/static", StaticFiles(directory=STATIC), name="static")
-# Set by the Ingress from its settings; used by the 503 handler.
-retry_after = {"seconds": 5.0}
 
 
 @app.get("/docs", include_in_schema=False)
@@ -80,7 +78,7 @@ async def _readable_validation_error(request: Request, error: RequestValidationE
 @app.exception_handler(ArtifactStoreError)
 async def _store_failed(request: Request, error: ArtifactStoreError) -> JSONResponse:
     logger.error("artifact store failed [request %s]: %s", current_request_id(), error)
-    answer = store_unavailable(retry_after["seconds"])
+    answer = store_unavailable(edge_limits.retry_after_s)
     return JSONResponse(status_code=503, content={"detail": answer.detail}, headers=answer.headers)
 
 
@@ -88,5 +86,4 @@ async def _store_failed(request: Request, error: ArtifactStoreError) -> JSONResp
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:
     request_id = current_request_id(request.scope)
     logger.exception("unexpected error [request %s]", request_id)
-    return JSONResponse(status_code=500, content={"detail": f"internal error; report request id {request_id}"},
-                        headers={"x-request-id": request_id})
+    return JSONResponse(status_code=500, content={"detail": f"internal error; report request id {request_id}"})

@@ -134,6 +134,9 @@ class ServiceSettings(_Strict):
     cache_memory: Literal["device", "host"] = "device"
     ingress_cache_refs: int = Field(64, ge=0)  # cache ObjectRefs the Ingress keeps alive
     object_fetch_timeout_s: float = Field(60.0, gt=0)  # past this a cache is reloaded from the store
+    # One replica rebuilds a lost cache while the others wait; a rebuild taking longer than this
+    # (its replica died) is taken over.
+    rebuild_lease_s: float = Field(900.0, gt=0)
     url_expires_s: int = Field(3600, ge=1, le=7 * 24 * 3600)
     # The address clients reach the service at (behind a load balancer: its public URL); local-store
     # image URLs start with it. Unset, they are paths on the service. Never taken from the Host header.
@@ -142,6 +145,9 @@ class ServiceSettings(_Strict):
     # app makes its own (URLs then stop working when the app is deployed again).
     url_signing_key: Optional[str] = Field(None, min_length=16)
     ready_cache_s: float = Field(2.0, ge=0)  # /readyz answers from a cache this young
+    # No request runs longer than this, whatever timeout headers a client sends the proxy; keep
+    # it at or under the proxy's request_timeout_s.
+    request_deadline_s: float = Field(600.0, gt=0)
     retry_after_s: float = Field(5.0, ge=0)
     ready_timeout_s: float = Field(5.0, gt=0)
     ingress: DeploymentResources = DeploymentResources(

@@ -12,11 +12,12 @@ record, not the cache, is the subject's source of truth. Keys:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
 import uuid
-from typing import Any
+from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict
 
@@ -54,6 +55,8 @@ class SubjectRecord(BaseModel):
     cache_key: str
     cache_nbytes: int
     cache_codec: str = "exact"
+    cache_sha256: Optional[str] = None  # of the stored cache file; a cache that differs is rebuilt
+    rebuilds: int = 0  # how often the cache was rebuilt from this record
     format: str = RECORD_FORMAT
     version: int = RECORD_VERSION
 
@@ -100,11 +103,61 @@ def image_key(subject_id: str, request_id: str, index: int) -> str:
     return f"subjects/{subject_id}/images/{request_id}/{index:03d}.png"
 
 
+_REQUEST_ID = re.compile(r"[0-9]{13}-[0-9a-f]{8}")
+_IMAGE_NAME = re.compile(r"[0-9]{3}\.png")
+
+
 def is_image_key(key: str) -> bool:
-    """Whether `key` names a stored image (the only artifacts served over HTTP: anchor caches
-    are GBs and move between replicas only through Ray's object store)."""
+    """Whether `key` names a stored image exactly as `image_key` makes them (the only artifacts
+    served over HTTP: anchor caches move between replicas only through Ray's object store)."""
     parts = key.split("/")
-    return len(parts) == 5 and parts[0] == "subjects" and parts[2] == "images" and parts[4].endswith(".png")
+    return (
+        len(parts) == 5
+        and parts[0] == "subjects"
+        and is_subject_id(parts[1])
+        and parts[2] == "images"
+        and _REQUEST_ID.fullmatch(parts[3]) is not None
+        and _IMAGE_NAME.fullmatch(parts[4]) is not None
+    )
+
+
+def sha256_of(buffers) -> str:
+    """The sha256 of a cache file given as its buffers (header and chunks), as the record keeps it."""
+    digest = hashlib.sha256()
+    for buffer in buffers:
+        digest.update(buffer)
+    return digest.hexdigest()
+
+
+def lease_key(subject_id: str) -> str:
+    return f"subjects/{subject_id}/rebuild.lease"
+
+
+def acquire_rebuild_lease(store: ArtifactStore, subject_id: str, owner: str, ttl_s: float) -> bool:
+    """Whether this caller may rebuild the subject's cache now: one holder at a time across the
+    service (the store's create-if-absent decides). A lease past its expiry (its holder died) is
+    taken over."""
+    key = lease_key(subject_id)
+    body = json.dumps({"owner": owner, "expires_at": time.time() + ttl_s}).encode()
+    if store.create_exclusive(key, body, "application/json"):
+        return True
+    try:
+        held = json.loads(store.get(key))
+        expired = float(held.get("expires_at", 0)) < time.time()
+    except (ArtifactNotFound, ValueError, TypeError, AttributeError):
+        expired = True  # released meanwhile, or unreadable
+    if expired:
+        store.delete_prefix(key)
+        return store.create_exclusive(key, body, "application/json")
+    return False
+
+
+def release_rebuild_lease(store: ArtifactStore, subject_id: str) -> None:
+    store.delete_prefix(lease_key(subject_id))
+
+
+def rebuild_lease_held(store: ArtifactStore, subject_id: str) -> bool:
+    return store.exists(lease_key(subject_id))
 
 
 def save_record(store: ArtifactStore, record: SubjectRecord) -> None:

@@ -64,3 +64,46 @@ def test_settings_errors_name_the_field() -> None:
         ServiceSettings.from_args({"generator": {"min_replicas": 3, "max_replicas": 2}})
     with pytest.raises(ValidationError, match="cache_memory"):
         ServiceSettings.from_args({"cache_memory": "gpu"})
+
+
+def _documents(name: str) -> dict[tuple[str, str], dict]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all((ROOT / "cluster" / name).read_text())}
+
+
+def test_rayservice_uses_what_access_yaml_creates_and_no_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    access = _documents("access.yaml")
+    manifest = yaml.safe_load((ROOT / "cluster" / "rayservice.yaml").read_text())
+    cluster = manifest["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        spec = pod["spec"]
+        assert ("ServiceAccount", spec["serviceAccountName"]) in access
+        container = spec["containers"][0]
+        for source in container.get("envFrom", []):
+            assert ("ConfigMap", source["configMapRef"]["name"]) in access and "secretRef" not in source
+        assert not any(e["name"].startswith("AWS_") for e in container.get("env", [])), "keys come from IRSA"
+        for volume in spec.get("volumes", []):
+            if "persistentVolumeClaim" in volume:
+                claim = access[("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])]
+                assert "ReadWriteMany" in claim["spec"]["accessModes"]  # every GPU pod mounts it
+    head_labels = cluster["headGroupSpec"]["template"]["metadata"]["labels"]
+    policy = access[("NetworkPolicy", "consistory-head")]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= head_labels.items()
+
+    # The ConfigMap is the environment the store reads: it must build the bucket's store.
+    from deployments.artifact_store import S3ArtifactStore, artifact_store_from_config
+
+    for name, value in access[("ConfigMap", "consistory-store")]["data"].items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("CONSISTORY_STORE", "s3")
+    store = artifact_store_from_config()
+    assert isinstance(store, S3ArtifactStore) and "my-bucket" in store.describe()
+
+
+def test_s3_lifecycle_rule_covers_the_store_prefix() -> None:
+    import json
+
+    rules = json.loads((ROOT / "cluster" / "s3-lifecycle.json").read_text())["Rules"]
+    prefix = _documents("access.yaml")[("ConfigMap", "consistory-store")]["data"]["CONSISTORY_S3_PREFIX"]
+    (rule,) = [r for r in rules if "AbortIncompleteMultipartUpload" in r]
+    assert rule["Status"] == "Enabled" and prefix.startswith(rule["Filter"]["Prefix"])

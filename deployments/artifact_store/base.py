@@ -96,6 +96,11 @@ class ArtifactStore(abc.ABC):
         nothing. Implementations stream the parts instead of joining them into one copy."""
         self.put(key, b"".join(bytes(memoryview(p)) for p in parts), content_type)
 
+    @abc.abstractmethod
+    def create_exclusive(self, key: str, data: bytes, content_type: str) -> bool:
+        """Store ``data`` under ``key`` only if nothing is there (atomically: of two concurrent
+        callers exactly one gets True). The building block of leases."""
+
     def get_buffer(self, key: str) -> Any:
         """The artifact as a read-only buffer, without a second copy where the store allows
         (a mapped file, a preallocated download buffer); raises ``ArtifactNotFound``."""

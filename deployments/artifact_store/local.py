@@ -68,6 +68,23 @@ class LocalArtifactStore(ArtifactStore):
             raise
 
     @store_errors(OSError)
+    def create_exclusive(self, key: str, data: bytes, content_type: str) -> bool:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=_TMP_SUFFIX)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp_name, 0o644)
+            try:
+                os.link(tmp_name, path)  # fails if the key exists: atomic create-if-absent
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            os.unlink(tmp_name)
+
+    @store_errors(OSError)
     def get(self, key: str) -> bytes:
         path = self.path(key)
         try:

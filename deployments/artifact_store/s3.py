@@ -159,6 +159,19 @@ class S3ArtifactStore(ArtifactStore):
         return buffer
 
     @store_errors(BotoCoreError, ClientError, OSError)
+    def create_exclusive(self, key: str, data: bytes, content_type: str) -> bool:
+        # S3's conditional write: If-None-Match: * fails with 412 when the key exists.
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._object_key(key), Body=data,
+                                   ContentType=content_type, IfNoneMatch="*")
+        except ClientError as err:
+            code = str((getattr(err, "response", None) or {}).get("Error", {}).get("Code", ""))
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            raise
+        return True
+
+    @store_errors(BotoCoreError, ClientError, OSError)
     def get(self, key: str) -> bytes:
         from botocore.exceptions import ClientError
 
