@@ -16,6 +16,7 @@ _EXPORTS = {
     "ConsiStoryConfig": ".config",
     "ConsiStoryPipeline": ".pipeline",
     "InputError": ".errors",
+    "StepProgress": ".progress",
     "StoryOutput": ".outputs",
     "vanilla_config": ".config",
 }
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from .errors import InputError
     from .outputs import AnchorsOutput, StoryOutput
     from .pipeline import ConsiStoryPipeline
+    from .progress import StepProgress
 
 
 def __getattr__(name: str) -> Any:

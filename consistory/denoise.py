@@ -82,7 +82,7 @@ def denoise_pass(
     state: RunState,
     latents: torch.Tensor,
     cond: Conditioning,
-    on_step: Callable[[], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
     start: int = 0,
     snapshot_at: int | None = None,
 ) -> tuple[torch.Tensor, PassSnapshot | None]:
@@ -117,7 +117,7 @@ def denoise_pass(
         noise = uncond + guidance * (text - uncond)
         latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
         if on_step is not None:
-            on_step()
+            on_step(i)
     state.end_pass()
     return latents, snapshot
 

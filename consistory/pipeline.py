@@ -21,6 +21,7 @@ from .errors import InputError
 from .grids import Grids
 from .outputs import AnchorsOutput, StoryOutput
 from .processors import build_processors
+from .progress import ProgressCallback, StepProgress
 from .run_state import RunState
 from .seeds import check_seeds, consecutive_seeds, initial_latents
 from .subject_tokens import find_subject_tokens
@@ -113,6 +114,7 @@ class ConsiStoryPipeline:
         config: ConsiStoryConfig | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
+        progress: ProgressCallback | None = None,
     ) -> StoryOutput:
         """All prompts in one batch; the first `config.n_anchors` images are the anchors (all of
         them when there are fewer prompts than that)."""
@@ -120,7 +122,7 @@ class ConsiStoryPipeline:
         prompts, subjects = text_list(prompts, "prompts"), text_list(subjects, "subjects")
         seeds = consecutive_seeds(seed, len(prompts))
         anchors = LiveAnchors(min(config.n_anchors, len(prompts)), len(prompts))
-        return self._generate(prompts, subjects, seeds, config, latents, anchors, output_type)
+        return self._generate(prompts, subjects, seeds, config, latents, anchors, output_type, progress)
 
     def create_anchors(
         self,
@@ -132,6 +134,7 @@ class ConsiStoryPipeline:
         output_type: str = "pil",
         cache_device: str | torch.device | None = None,
         cache_codec: str = "exact",
+        progress: ProgressCallback | None = None,
     ) -> AnchorsOutput:
         """Generate the anchor images and record the anchor cache (on `cache_device` if given,
         e.g. "cpu" to keep it off the GPU). Every prompt is an anchor: the cache's config has
@@ -157,7 +160,7 @@ class ConsiStoryPipeline:
             storage_device=str(cache_device) if cache_device is not None else None,
         )
         anchors = LiveAnchors(len(prompts), len(prompts), recorder=cache)
-        out = self._generate(prompts, subjects, seeds, config, latents, anchors, output_type)
+        out = self._generate(prompts, subjects, seeds, config, latents, anchors, output_type, progress)
         cache.finish_recording()
         return AnchorsOutput(out.images, out.seeds, out.subject_masks, out.timings, cache=cache)
 
@@ -169,6 +172,7 @@ class ConsiStoryPipeline:
         config: ConsiStoryConfig | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
+        progress: ProgressCallback | None = None,
     ) -> StoryOutput:
         """New images of the cached subject; each is independent of the others in the call.
 
@@ -184,14 +188,14 @@ class ConsiStoryPipeline:
         if len(seeds) != len(prompts):
             raise InputError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
         anchors = CachedAnchors(cache, len(prompts))
-        return self._generate(prompts, cache.subjects, seeds, config, latents, anchors, output_type)
+        return self._generate(prompts, cache.subjects, seeds, config, latents, anchors, output_type, progress)
 
     # --- the shared path ---
-    def _generate(self, prompts, subjects, seeds, config, latents, anchors, output_type) -> StoryOutput:
+    def _generate(self, prompts, subjects, seeds, config, latents, anchors, output_type, progress=None) -> StoryOutput:
         with self._lock:
-            return self._generate_locked(prompts, subjects, seeds, config, latents, anchors, output_type)
+            return self._generate_locked(prompts, subjects, seeds, config, latents, anchors, output_type, progress)
 
-    def _generate_locked(self, prompts, subjects, seeds, config, latents, anchors, output_type) -> StoryOutput:
+    def _generate_locked(self, prompts, subjects, seeds, config, latents, anchors, output_type, progress) -> StoryOutput:
         if output_type not in ("pil", "np", "pt", "latent"):
             raise InputError(f"output_type must be 'pil', 'np', 'pt' or 'latent' (got {output_type!r})")
         sdxl = self.sdxl
@@ -216,7 +220,7 @@ class ConsiStoryPipeline:
         # Pass 2 resumes from pass 1's state where injection starts (see PassSnapshot).
         resume_at = config.injection_steps().start if config.two_passes and self.resume_pass2 else None
         steps = config.num_inference_steps
-        with torch.no_grad(), self._method_installed(state, config), self._progress(config, resume_at) as step_done:
+        with torch.no_grad(), self._method_installed(state, config), self._progress(config, resume_at, state, progress) as step_done:
             cond = encode_conditioning(sdxl, prompts, config.height, config.width, self.device)
             timings["encode_s"] = time.perf_counter() - start
             t0 = time.perf_counter()
@@ -273,14 +277,26 @@ class ConsiStoryPipeline:
                     setattr(block, k, v)
 
     @contextmanager
-    def _progress(self, config: ConsiStoryConfig, resume_at: int | None):
+    def _progress(self, config: ConsiStoryConfig, resume_at: int | None, state: RunState,
+                  callback: ProgressCallback | None):
         steps = config.num_inference_steps
-        total = steps
-        if config.two_passes:
-            total += steps - (resume_at or 0)
-        bar = tqdm(total=total, desc="denoising", disable=not self.progress_bar, leave=False)
+        total = steps + (steps - (resume_at or 0) if config.two_passes else 0)
+        passes = 2 if config.two_passes else 1
+        bar = tqdm(total=total, desc=f"pass 1 of {passes}", unit="step", disable=not self.progress_bar, leave=False)
+        done, shown_pass = 0, 1
+
+        def step_done(step: int) -> None:
+            nonlocal done, shown_pass
+            done += 1
+            if state.pass_index != shown_pass:
+                shown_pass = state.pass_index
+                bar.set_description(f"pass {shown_pass} of {passes}")
+            bar.update()
+            if callback is not None:
+                callback(StepProgress(state.pass_index, step, steps, done, total))
+
         try:
-            yield bar.update
+            yield step_done
         finally:
             bar.close()
 

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from typing import Any, Awaitable, Callable, Iterable, Optional, TypeVar
 
 from fastapi import HTTPException
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from consistory.errors import InputError
@@ -49,10 +49,10 @@ def _lost_for_another_reason(error: BaseException) -> bool:
     """Whether a replica was lost to something other than the call itself: its node died or was
     drained, it was stopped (scale-down, ray.kill), or it was not reachable. A worker process
     that died while running the call is not retried: the call may be what killed it."""
-    if isinstance(error, ReplicaUnavailableError) or getattr(error, "preempted", False):
+    if isinstance(error, (ReplicaUnavailableError, ActorUnavailableError)) or getattr(error, "preempted", False):
         return True
     message = str(error)
-    return any(sign in message for sign in ("its node has died", "killed by `ray.kill`", "unavailable"))
+    return any(sign in message for sign in ("its node has died", "killed by `ray.kill`"))
 
 
 async def call(make: Callable[[], Awaitable[T]], what: str, retry_after_s: float) -> T:
