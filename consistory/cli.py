@@ -1,50 +1,37 @@
-"""`consistory` command line: generate a story, create anchors, extend a story from its anchors.
+"""`consistory` command line: generate a story, create anchors, extend a story from its anchors,
+run a batch of stories on a Ray cluster, and score a finished batch.
 
     consistory generate --subject dog --settings "in the park" --settings "at the beach"
     consistory generate --model tiny --subject dog --prompt "a dog" --prompt "a dog swimming"  # CPU smoke run
     consistory anchors  --subject dog --prompt "a dog running" --prompt "a dog asleep" --save dog.cache
     consistory extend   dog.cache --prompt "a dog on a boat"
+    consistory batch    stories.jsonl --out s3://bucket/run1 --model tiny --steps 2 --height 64
+    consistory eval     s3://bucket/run1 --clip tiny
 
 Exit status: 0 on success; 2 when the command line or its inputs are wrong (bad option, invalid
 size, a prompt without the subject, a missing or unusable cache file, an unknown model path);
-1 when something fails while running (weights that cannot be loaded, a disk or GPU error).
-Every failure is a single `consistory: error: ...` line on stderr.
+1 when something fails while running (a model that cannot be had, weights that cannot be
+loaded, a disk or GPU error). Every failure is a single `consistory: error: ...` line on stderr.
+
+This module stays light (no torch, diffusers or Ray): each command imports what it needs when
+it runs, so `--help` and usage errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Callable, Sequence
 
-import torch
-
-from .anchor_cache import AnchorCache, AnchorCacheError
-from .cli_models import (
-    UsageError,
-    _say,
-    check_prompts,
-    model_dtype,
-    open_pipeline,
-    preset_of,
-    resolve_device,
-    resolve_model,
-)
-from .config import ConsiStoryConfig
-from .pipeline import ConsiStoryPipeline
-from .presets import PRESETS
+from .cli_options import DEFAULT_STYLE
+from .errors import InputError, UsageError
+from .hub_access import ModelUnavailable
+from .model_ids import DEFAULT_MODEL, PRESETS
 from .seeds import MAX_SEED
-from .story_files import GRID_NAME, begin_story_dir, write_images, write_json
 
-DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"  # the published method's base model
-DEFAULT_STYLE = "A photo of "  # the reference tool's prompt prefix (ALGORITHM.md section 10)
-# Sampling defaults per preset, so a random-weight smoke run is quick on CPU; real weights and
-# "full" keep the published defaults of ConsiStoryConfig (1024 px, 50 steps).
-PRESET_SAMPLING: dict[str, dict[str, int]] = {
-    "tiny": dict(height=128, width=128, num_inference_steps=10),
-    "small": dict(height=256, width=256, num_inference_steps=20),
-}
+# Packages only some commands need, and the extra that installs them.
+_EXTRAS = {"ray": "batch", "yaml": "batch", "boto3": "batch", "botocore": "batch", "matplotlib": "batch"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,121 +39,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"consistory: error: {message} (see `{self.prog} --help`)\n")
 
 
-# --- inputs ---
-def story_prompts(args: argparse.Namespace, subject: str) -> list[str]:
-    if args.prompt:
-        return list(args.prompt)
-    if args.settings:
-        return [f"{args.style}{subject} {setting}" for setting in args.settings]
-    raise UsageError("no prompts: give --prompt (repeatable), or --settings with an optional --style")
+def _say(message: str) -> None:
+    print(f"consistory: {message}", file=sys.stderr, flush=True)
 
 
-def build_config(args: argparse.Namespace, model: str) -> ConsiStoryConfig:
-    preset = preset_of(model)
-    values: dict[str, Any] = dict(PRESET_SAMPLING.get(preset[0], {})) if preset else {}
-    given = dict(num_inference_steps=args.steps, height=args.height, width=args.width,
-                 guidance_scale=args.guidance, n_anchors=getattr(args, "n_anchors", None))
-    if args.width is None and args.height is not None:
-        given["width"] = args.height
-    values.update({k: v for k, v in given.items() if v is not None})
-    switches = dict(sdsa=args.no_sdsa, query_mixing=args.no_query_mixing,
-                    feature_injection=args.no_injection, freeu=args.no_freeu)
-    values.update({k: not off for k, off in switches.items()})
-    return ConsiStoryConfig(**values)
+def _command(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """A command whose module (and its heavy imports) loads only when the command runs."""
 
+    def run(args: argparse.Namespace) -> int:
+        try:
+            target = getattr(importlib.import_module(module), name)
+        except ImportError as error:
+            root = (error.name or "").split(".")[0]
+            if root not in _EXTRAS:
+                raise
+            raise UsageError(f"`consistory {args.command}` needs the package {root!r}: "
+                             f"pip install 'consistory[{_EXTRAS[root]}]'") from None
+        return target(args)
 
-def _record(command: str, pipe: ConsiStoryPipeline, prompts, subjects, out, config, load_s) -> dict[str, Any]:
-    return {
-        "command": command,
-        "model": pipe.model_id,
-        "device": str(pipe.device),
-        "dtype": str(pipe.dtype).removeprefix("torch."),
-        "subjects": list(subjects),
-        "prompts": list(prompts),
-        "seeds": list(out.seeds),
-        "config": config.to_dict(),
-        "timings": {"load_model_s": load_s, **out.timings},
-    }
-
-
-def _finish(out_dir: Path, manifest_name: str, images, record: dict[str, Any], before_manifest=None) -> None:
-    record["files"] = write_images(out_dir, images)
-    record["grid"] = GRID_NAME
-    if before_manifest is not None:
-        before_manifest(record)
-    write_json(record, out_dir / manifest_name)
-    print(f"wrote {len(images)} images, {GRID_NAME} and {manifest_name} to {out_dir}/")
-
-
-# --- subcommands ---
-def check_paths(out: str, save: str | None = None) -> None:
-    """Refuse unwritable destinations now rather than after minutes of denoising."""
-    if Path(out).exists() and not Path(out).is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
-    if save is not None and Path(save).is_dir():
-        raise UsageError(f"--save {save} is a directory; give a file path such as {Path(save) / 'subject.cache'}")
-
-
-def _prepare(args: argparse.Namespace) -> tuple[list[str], ConsiStoryConfig, str, torch.device]:
-    """Everything `generate` and `anchors` can check before loading weights."""
-    check_paths(args.out, getattr(args, "save", None))
-    prompts = story_prompts(args, args.subject[0])
-    config = build_config(args, args.model)
-    model, device = resolve_model(args.model), resolve_device(args.device)
-    check_prompts(model, prompts, args.subject)
-    return prompts, config, model, device
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    prompts, config, model, device = _prepare(args)
-    pipe, load_s = open_pipeline(model, device, not args.no_progress)
-    out = pipe.generate_story(prompts, args.subject, seed=args.seed, config=config)
-    record = _record("generate", pipe, prompts, args.subject, out, config, load_s)
-    record["n_anchors"] = min(config.n_anchors, len(prompts))
-    _finish(begin_story_dir(args.out, "story.json"), "story.json", out.images, record)
-    return 0
-
-
-def cmd_anchors(args: argparse.Namespace) -> int:
-    prompts, config, model, device = _prepare(args)
-    pipe, load_s = open_pipeline(model, device, not args.no_progress)
-    # The cache holds layer inputs for every step and layer: keep it in host memory, not on the GPU.
-    out = pipe.create_anchors(prompts, args.subject, seed=args.seed, config=config, cache_device="cpu",
-                              cache_codec=args.codec)
-    record = _record("anchors", pipe, prompts, args.subject, out, out.cache.config, load_s)
-
-    def save_cache(rec: dict[str, Any]) -> None:
-        rec["cache"] = str(out.cache.save(args.save).resolve())
-        rec["cache_bytes"] = out.cache.nbytes
-        rec["cache_codec"] = out.cache.codec
-        print(f"saved the anchor cache ({out.cache.nbytes / 2**20:.1f} MiB) to {args.save}")
-
-    _finish(begin_story_dir(args.out, "anchors.json"), "anchors.json", out.images, record, save_cache)
-    return 0
-
-
-def cmd_extend(args: argparse.Namespace) -> int:
-    check_paths(args.out)
-    try:
-        cache = AnchorCache.load(args.cache, device="cpu")
-    except AnchorCacheError as error:
-        raise AnchorCacheError(f"{args.cache}: {error}") from None
-    prompts = story_prompts(args, cache.subjects[0])
-    if args.seed and len(args.seed) != len(prompts):
-        raise UsageError(f"got {len(args.seed)} --seed for {len(prompts)} prompts; give one per prompt, or none")
-    model, device = resolve_model(args.model or cache.model_id), resolve_device(args.device)
-    dtype = str(model_dtype(model, device)).removeprefix("torch.")
-    if dtype != cache.dtype:
-        raise UsageError(f"{args.cache} holds {cache.dtype} tensors but {model} runs in {dtype} on {device.type}; "
-                         "extend on the kind of device the anchors were made on")
-    check_prompts(model, prompts, cache.subjects)
-    pipe, load_s = open_pipeline(model, device, not args.no_progress)
-    out = pipe.generate_from_anchors(cache, prompts, seeds=args.seed or None)
-    record = _record("extend", pipe, prompts, cache.subjects, out, cache.config, load_s)
-    record.update(cache=str(Path(args.cache).resolve()), anchor_prompts=cache.anchor_prompts,
-                  anchor_seeds=cache.seeds)
-    _finish(begin_story_dir(args.out, "extend.json"), "extend.json", out.images, record)
-    return 0
+    return run
 
 
 # --- parsing ---
@@ -177,12 +68,29 @@ def _seed(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {text})")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0 (got {text})")
+    return value
+
+
 def _prompt_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt naming the subject (repeatable)")
     group.add_argument("--settings", action="append", metavar="TEXT",
-                       help='a setting; the prompt is STYLE + first subject + " " + setting (repeatable)')
-    parser.add_argument("--style", default=DEFAULT_STYLE, help=f"prefix for --settings prompts (default {DEFAULT_STYLE!r})")
+                       help="a setting; the prompt is STYLE, the first subject (with 'a' or 'an' where it needs "
+                            "one) and the setting: 'A photo of a dog in the park' (repeatable)")
+    parser.add_argument("--style", default=DEFAULT_STYLE,
+                        help=f"the words before the subject in --settings prompts (default {DEFAULT_STYLE!r}); "
+                             "end it with an article ('A photo of the') to choose the article yourself")
 
 
 def _run_options(parser: argparse.ArgumentParser, out_default: str) -> None:
@@ -192,13 +100,16 @@ def _run_options(parser: argparse.ArgumentParser, out_default: str) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def _sampling_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--subject", action="append", required=True, help="the subject word or phrase (repeatable)")
+def _model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"an SDXL hub id or local directory (default {DEFAULT_MODEL}), "
-                        f"or a random-weight preset: {', '.join(PRESETS)}")
-    parser.add_argument("--seed", type=_seed, default=0, help="seed of the first image; image i gets seed + i")
-    parser.add_argument("--steps", type=int, help="denoising steps (default 50; tiny 10, small 20)")
+                        f"or a random-weight preset for offline runs: {', '.join(PRESETS)}")
+
+
+def _sampling_options(parser: argparse.ArgumentParser, seed_help: str) -> None:
+    _model_option(parser)
+    parser.add_argument("--seed", type=_seed, default=0, help=seed_help)
+    parser.add_argument("--steps", type=_positive, help="denoising steps (default 50; tiny 10, small 20)")
     parser.add_argument("--height", type=int, help="image height, a multiple of 8 (default 1024; tiny 128, small 256)")
     parser.add_argument("--width", type=int, help="image width, a multiple of 8 (default as --height)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 5.0)")
@@ -207,26 +118,93 @@ def _sampling_options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--no-{name}", action="store_true", help=f"turn {what} off")
 
 
+def _subject_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--subject", action="append", required=True,
+                        help="the subject word or phrase (repeatable); its plural in a prompt counts too")
+
+
+def _n_anchors_option(parser: argparse.ArgumentParser, scope: str) -> None:
+    parser.add_argument("--n-anchors", type=_positive,
+                        help=f"how many of the first images {scope} are anchors (default 2)")
+
+
+def _batch_parser(commands) -> None:
+    batch = commands.add_parser(
+        "batch", help="generate many stories on a pool of model actors (Ray), into a directory or s3://bucket/prefix",
+        description="Stories from SPEC (JSONL, one story per line, or a ConsiStory+ YAML prompt set) on a pool "
+                    "of model actors, one pipeline per GPU. Each story's images, grid.png and story.json go to "
+                    "DEST/stories/<id>/, with DEST/manifest.json listing every story. Rerunning the same command "
+                    "skips finished stories. Runs as a Ray job too: ray job submit -- consistory batch ...")
+    batch.add_argument("spec", metavar="SPEC", help="stories: a .jsonl file, or a .yaml/.yml ConsiStory+ prompt set")
+    batch.add_argument("--out", required=True, metavar="DEST", help="a local directory or s3://bucket/prefix")
+    _sampling_options(batch, "seed of stories that give none (every YAML story; JSONL lines without 'seed')")
+    _n_anchors_option(batch, "of a story")
+    batch.add_argument("--mode", choices=("story", "anchors"), default="story",
+                       help="story: each story in one batch on one actor (default); anchors: each story's anchors "
+                            "once, then its other prompts from the anchor cache, spread over the actors")
+    batch.add_argument("--extend-batch", type=_positive, default=4, metavar="N",
+                       help="--mode anchors: new images per actor call (default 4)")
+    batch.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="auto: cuda where the Ray cluster has GPUs (one per actor)")
+    batch.add_argument("--actors", type=_positive,
+                       help="model actors (default: one per GPU in the Ray cluster, or 1 without GPUs)")
+    batch.add_argument("--cpus-per-actor", type=_positive_float, default=1.0, metavar="N",
+                       help="Ray CPUs reserved per actor; fractions allowed (default 1)")
+    batch.add_argument("--torch-threads", type=_positive, metavar="N",
+                       help="torch threads per actor (default: --cpus-per-actor rounded down, at least 1)")
+    batch.add_argument("--attempts", type=_positive, default=3, metavar="N",
+                       help="tries per story when its actor dies or fails (default 3); bad input is never retried")
+    batch.add_argument("--address", metavar="ADDRESS",
+                       help="the Ray cluster (default: RAY_ADDRESS, as under `ray job submit`, else a local Ray)")
+    batch.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    batch.set_defaults(run=_command("consistory_batch.command", "cmd_batch"))
+
+
+def _eval_parser(commands) -> None:
+    evaluate = commands.add_parser(
+        "eval", help="score a finished batch: prompt alignment and subject consistency, per story and overall",
+        description="Prompt alignment: CLIP image-text cosine against each prompt's setting. Subject consistency: "
+                    "mean pairwise DreamSim similarity (1 - distance) between a story's images where the dreamsim "
+                    "package and its weights are present, else CLIP image-image cosine; the report names which. "
+                    "Writes eval/scores.json and eval/scatter.png (consistency against alignment) to DEST.")
+    evaluate.add_argument("dest", metavar="DEST", help="what `consistory batch --out` wrote: a directory or s3://bucket/prefix")
+    evaluate.add_argument("--clip", default="openai/clip-vit-large-patch14",
+                          help="a CLIP checkpoint: hub id or local directory (default openai/clip-vit-large-patch14), "
+                               "or 'tiny': a random CLIP built locally, for offline smoke runs (scores mean nothing)")
+    evaluate.add_argument("--consistency", choices=("auto", "dreamsim", "clip"), default="auto",
+                          help="auto: DreamSim where installed with its weights, else CLIP image cosine")
+    evaluate.add_argument("--dreamsim-cache", metavar="DIR",
+                          help="where DreamSim's weights are (default: the dreamsim package's ./models)")
+    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    evaluate.add_argument("--report", metavar="DIR",
+                          help="write scores.json and scatter.png to this local directory instead of DEST/eval/")
+    evaluate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    evaluate.set_defaults(run=_command("consistory_batch.command", "cmd_eval"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="consistory", description="Training-free consistent-subject image generation on SDXL.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    first_seed = "seed of the first image; image i gets seed + i"
 
     generate = commands.add_parser("generate", help="generate a story in one batch (the first images are the anchors)")
-    _sampling_options(generate)
-    generate.add_argument("--n-anchors", type=int, help="how many of the first images are anchors (default 2)")
+    _subject_option(generate)
+    _sampling_options(generate, first_seed)
+    _n_anchors_option(generate, "of the story")
     _prompt_options(generate)
     _run_options(generate, "story/")
-    generate.set_defaults(run=cmd_generate)
+    generate.set_defaults(run=_command("consistory.cli_commands", "cmd_generate"))
 
     anchors = commands.add_parser("anchors", help="generate anchor images and save their anchor cache")
-    _sampling_options(anchors)
+    _subject_option(anchors)
+    _sampling_options(anchors, first_seed)
     _prompt_options(anchors)
     anchors.add_argument("--save", required=True, metavar="PATH", help="where to write the anchor cache")
     anchors.add_argument("--codec", choices=("exact", "compact"), default="exact",
                          help="exact: every tensor as computed; compact: 8 bits or fewer per value, "
                               "about 1/6 of the bytes (default exact)")
     _run_options(anchors, "anchors/")
-    anchors.set_defaults(run=cmd_anchors)
+    anchors.set_defaults(run=_command("consistory.cli_commands", "cmd_anchors"))
 
     extend = commands.add_parser("extend", help="new images of a cached subject (size and steps come from the cache)")
     extend.add_argument("cache", help="an anchor cache written by `consistory anchors`")
@@ -235,7 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="one per prompt (repeatable); default: continue the anchors' seeds")
     _prompt_options(extend)
     _run_options(extend, "extend/")
-    extend.set_defaults(run=cmd_extend)
+    extend.set_defaults(run=_command("consistory.cli_commands", "cmd_extend"))
+
+    _batch_parser(commands)
+    _eval_parser(commands)
     return parser
 
 
@@ -246,19 +227,31 @@ def _fail(error: BaseException | str, code: int) -> int:
     return code
 
 
+def _out_of_gpu_memory(error: BaseException) -> bool:
+    torch = sys.modules.get("torch")  # only a run that loaded torch can run out of GPU memory
+    return torch is not None and isinstance(error, torch.cuda.OutOfMemoryError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as done:  # --help, or a usage error already printed
         return done.code if isinstance(done.code, int) else 0
+    from .log_filters import quiet_library_warnings
+
+    quiet_library_warnings()
     try:
         return args.run(args)
-    except (UsageError, ValueError, FileNotFoundError) as error:  # AnchorCacheError is a ValueError
+    except (UsageError, InputError, FileNotFoundError) as error:
         return _fail(error, 2)
-    except torch.cuda.OutOfMemoryError as error:
-        return _fail(f"out of GPU memory ({error}); try fewer prompts or a smaller size", 1)
-    except OSError as error:
+    except ModelUnavailable as error:
+        return _fail(error, 1)
+    except (OSError, ValueError, RuntimeError) as error:
+        if _out_of_gpu_memory(error):
+            return _fail(f"out of GPU memory ({error}); try fewer prompts or a smaller size", 1)
+        if isinstance(error, RuntimeError):
+            raise  # a fault of the program, not of the input: keep its traceback
         return _fail(error, 1)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)

@@ -116,10 +116,18 @@ class ConsiStoryPipeline:
         output_type: str = "pil",
         progress: ProgressCallback | None = None,
     ) -> StoryOutput:
-        """All prompts in one batch; the first `config.n_anchors` images are the anchors (all of
-        them when there are fewer prompts than that)."""
+        """All prompts in one batch; the first `config.n_anchors` images are the anchors.
+
+        Fewer prompts than anchors is refused (InputError) while SDSA or feature injection is on;
+        with both off no image looks at the anchors, so their number does not matter."""
         config = config or self.default_config()
         prompts, subjects = text_list(prompts, "prompts"), text_list(subjects, "subjects")
+        uses_anchors = config.sdsa or config.feature_injection
+        if uses_anchors and config.n_anchors > len(prompts):
+            raise InputError(
+                f"n_anchors is {config.n_anchors} but only {len(prompts)} prompt(s) were given; the first "
+                "n_anchors prompts are the anchors, so give at least that many prompts or lower n_anchors"
+            )
         seeds = consecutive_seeds(seed, len(prompts))
         anchors = LiveAnchors(min(config.n_anchors, len(prompts)), len(prompts))
         return self._generate(prompts, subjects, seeds, config, latents, anchors, output_type, progress)
@@ -282,7 +290,9 @@ class ConsiStoryPipeline:
         steps = config.num_inference_steps
         total = steps + (steps - (resume_at or 0) if config.two_passes else 0)
         passes = 2 if config.two_passes else 1
-        bar = tqdm(total=total, desc=f"pass 1 of {passes}", unit="step", disable=not self.progress_bar, leave=False)
+        # The bar counts each pass's steps as the user set them ("pass 2 of 2: 7/10"); pass 2
+        # opens at the step it resumes from, since the steps before it were made once in pass 1.
+        bar = tqdm(total=steps, desc=f"pass 1 of {passes}", unit="step", disable=not self.progress_bar, leave=False)
         done, shown_pass = 0, 1
 
         def step_done(step: int) -> None:
@@ -290,7 +300,9 @@ class ConsiStoryPipeline:
             done += 1
             if state.pass_index != shown_pass:
                 shown_pass = state.pass_index
+                bar.reset(total=steps)
                 bar.set_description(f"pass {shown_pass} of {passes}")
+                bar.update(step)
             bar.update()
             if callback is not None:
                 callback(StepProgress(state.pass_index, step, steps, done, total))

@@ -13,9 +13,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from consistory.model_ids import PRESETS
 from consistory.tokenizer import build_local_clip_tokenizer, local_vocab_size
-
-PRESETS: tuple[str, ...] = ("tiny", "small", "full")
 
 # What makes a UNet "SDXL": no attention at the highest resolution, two cross-attention levels,
 # SDXL's text/time micro-conditioning. Shared by every preset; only the sizes below differ.
@@ -123,7 +122,8 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
 
 
-def _text_config(sizes: dict[str, Any], tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+def local_text_config(sizes: dict[str, Any], tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    """A CLIP text encoder's config for the local tokenizer (also the eval's tiny CLIP)."""
     return CLIPTextConfig(
         **{"vocab_size": local_vocab_size(), "hidden_act": "quick_gelu", **sizes},
         max_position_embeddings=tokenizer.model_max_length,
@@ -178,8 +178,8 @@ def build_preset_sdxl(
     # device; fork_rng leaves the caller's global RNG state untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = place(CLIPTextModel(_text_config(text_1, tokenizer)))
-        text_encoder_2 = place(CLIPTextModelWithProjection(_text_config(text_2, tokenizer_2)))
+        text_encoder = place(CLIPTextModel(local_text_config(text_1, tokenizer)))
+        text_encoder_2 = place(CLIPTextModelWithProjection(local_text_config(text_2, tokenizer_2)))
         unet = place(UNet2DConditionModel(**unet_config(name)))
         vae = place(_vae(name))
 

@@ -9,11 +9,12 @@ followed by `generate_from_anchors(cache, [p1, p2])`.
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import torch
+from typing import TYPE_CHECKING, Sequence
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_SEED = 2**63 - 1
 
@@ -36,5 +37,7 @@ def initial_latents(
 ) -> torch.Tensor:
     """(B, C, h, w) initial noise, each image drawn from its own CPU generator seeded with its
     seed, so the same seed gives the same latent on any device and in any batch."""
+    import torch  # here, so that the command line checks seeds without loading torch
+
     noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=torch.float32) for s in seeds]
     return torch.stack(noise).to(device=device, dtype=dtype)

@@ -33,47 +33,85 @@ class SubjectTokens:
         return w
 
 
-def _pieces(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+END_OF_WORD = "</w>"  # CLIP's BPE marks the last piece of every word with it
+# Endings after which English plurals take "-es" rather than "-s" (boxes, buses, dishes, tomatoes).
+_ES_AFTER = ("s", "x", "z", "ch", "sh", "o")
 
 
-def _find_run(haystack: Sequence[int], needle: Sequence[int], word_starts: Sequence[bool]) -> list[int]:
-    """Positions of every occurrence of the contiguous run `needle` in `haystack` that begins a
-    word (so "dog" is not found at the end of "hotdog")."""
-    n = len(needle)
+def _words(tokenizer, ids: Sequence[int]) -> list[tuple[str, tuple[int, ...]]]:
+    """The words of a tokenized text: (spelling in the tokenizer's alphabet, token positions).
+
+    CLIP's pre-tokenizer cuts punctuation and "'s" into words of their own, so "dog's" and
+    "dog," both hold the word "dog". Special tokens (start, end, padding) are no words.
+    """
+    tokens = tokenizer.convert_ids_to_tokens(list(ids))
+    special = set(tokenizer.all_special_tokens)
+    words: list[tuple[int, ...]] = []
+    current: list[int] = []
+    for i, token in enumerate(tokens):
+        if token in special:
+            continue
+        current.append(i)
+        if token.endswith(END_OF_WORD):
+            words.append(tuple(current))
+            current = []
+    if current:  # a word cut by truncation
+        words.append(tuple(current))
+    return [("".join(tokens[i] for i in word).removesuffix(END_OF_WORD), word) for word in words]
+
+
+def inflections(word: str) -> set[str]:
+    """The regular plural forms of `word`: dog -> dogs, box -> boxes, puppy -> puppies."""
+    forms = {word + "es" if word.endswith(_ES_AFTER) else word + "s"}
+    if len(word) > 2 and word.endswith("y") and word[-2] not in "aeiou":
+        forms.add(word[:-1] + "ies")
+    return forms
+
+
+def same_word(prompt_word: str, subject_word: str) -> bool:
+    """Equal, or one the other's regular plural ("macaron" names "macarons" and back); never a
+    longer word that merely contains it ("dog" is not "hotdog", nor "dogma")."""
+    return (prompt_word == subject_word or prompt_word in inflections(subject_word)
+            or subject_word in inflections(prompt_word))
+
+
+def _match_words(prompt_words, subject_words: Sequence[str], inflect_every_word: bool) -> list[int]:
+    """Token positions of every run of prompt words spelling `subject_words` in order. Only the
+    phrase's last word may be inflected ("polar bears"), unless `inflect_every_word`."""
+    n = len(subject_words)
     found: list[int] = []
-    if n == 0:
-        return found
-    for start in range(len(haystack) - n + 1):
-        if word_starts[start] and list(haystack[start : start + n]) == list(needle):
-            found.extend(range(start, start + n))
+    for start in range(len(prompt_words) - n + 1):
+        run = prompt_words[start : start + n]
+        if all(
+            same_word(spelled, wanted) if inflect_every_word or j == n - 1 else spelled == wanted
+            for j, ((spelled, _), wanted) in enumerate(zip(run, subject_words))
+        ):
+            found.extend(p for _, positions in run for p in positions)
     return found
 
 
-def _word_starts(tokenizer, ids: Sequence[int]) -> list[bool]:
-    """Whether each token begins a word: CLIP's BPE marks the last piece of a word with </w>."""
-    tokens = tokenizer.convert_ids_to_tokens(list(ids))
-    special = set(tokenizer.all_special_tokens)
-    return [i == 0 or tokens[i - 1] in special or tokens[i - 1].endswith("</w>") for i in range(len(tokens))]
-
-
 def _subject_positions(tokenizer, prompt_ids: Sequence[int], subject: str) -> tuple[int, ...]:
-    starts = _word_starts(tokenizer, prompt_ids)
-    whole = _find_run(prompt_ids, _pieces(tokenizer, subject), starts)
+    prompt_words = _words(tokenizer, prompt_ids)
+    subject_words = [spelled for spelled, _ in _words(tokenizer, tokenizer(subject, add_special_tokens=False)["input_ids"])]
+    if not subject_words:
+        return ()
+    whole = _match_words(prompt_words, subject_words, inflect_every_word=False)
     if whole:
         return tuple(sorted(set(whole)))
-    # A phrase worded differently in the prompt ("the hat of a wizard" for "wizard hat"):
+    # A phrase worded differently in the prompt ("the hats of two wizards" for "wizard hat"):
     # use whichever of the subject's words do occur.
     words: list[int] = []
-    for word in subject.split():
-        words.extend(_find_run(prompt_ids, _pieces(tokenizer, word), starts))
+    for word in subject_words:
+        words.extend(_match_words(prompt_words, [word], inflect_every_word=True))
     return tuple(sorted(set(words)))
 
 
 def find_subject_tokens(tokenizer, prompts: Sequence[str], subjects: Sequence[str]) -> SubjectTokens:
     """Locate every subject in every prompt with the first SDXL tokenizer (case-insensitive).
 
-    Raises ValueError for a prompt that contains none of the subjects, naming both.
+    A subject's word also matches its regular plural ("macaron" in "... delicate macarons") and
+    the other way round. Raises InputError for a prompt that contains none of the subjects,
+    naming both.
     """
     if not subjects or any(not s.strip() for s in subjects):
         raise InputError(f"subjects must be non-empty words or phrases (got {list(subjects)!r})")

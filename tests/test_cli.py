@@ -83,6 +83,10 @@ def test_extend_in_a_new_process_equals_the_batch_story(story, anchors, tmp_path
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr
     assert str(tmp_path) in done.stdout
+    # Nothing on stderr but what the user can act on: no library warnings (torchvision, ...).
+    assert [line for line in done.stderr.splitlines() if line.strip()] == [
+        "consistory: loading model preset:tiny:0 on cpu"
+    ], done.stderr
     manifest = json.loads((tmp_path / "extend.json").read_text())
     assert manifest["seeds"] == [SEED + 2]  # default seeds continue the anchors'
     assert manifest["files"] == ["00.png"] and (tmp_path / "grid.png").is_file()
@@ -99,11 +103,12 @@ def test_extend_refuses_a_cache_from_another_model(anchors, tmp_path, capsys):
 
 
 def test_settings_and_style_build_the_prompts(tmp_path):
-    argv = ["generate", "--subject", "red fox", "--style", "A watercolor of ",
+    argv = ["generate", "--subject", "red fox", "--style", "A watercolor of",
             "--settings", "in the snow", "--settings", "by a river", "--seed", "3"]
     assert main([*argv, *TINY, "--out", str(tmp_path)]) == 0
     manifest = json.loads((tmp_path / "story.json").read_text())
-    assert manifest["prompts"] == ["A watercolor of red fox in the snow", "A watercolor of red fox by a river"]
+    # A sentence as a person would write it: the subject gets its article, words one space apart.
+    assert manifest["prompts"] == ["A watercolor of a red fox in the snow", "A watercolor of a red fox by a river"]
     assert manifest["seeds"] == [3, 4]
 
 
@@ -158,3 +163,75 @@ def test_compact_anchors_from_the_command_line_extend_like_the_library(tmp_path)
     made = pipe.create_anchors(ANCHOR_PROMPTS, ["dog"], seed=SEED, config=config, cache_codec="compact")
     expected = np.asarray(pipe.generate_from_anchors(made.cache, [NEW_PROMPT]).images[0], dtype=np.int16)
     assert np.abs(pixels(tmp_path / "more" / "00.png") - expected).max() <= 1
+
+
+def _without_hub_settings(**extra):
+    """The environment of a user's shell: no HF_HUB_OFFLINE (the test session sets it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    return {**env, **extra}
+
+
+def _closed_loopback_url():
+    import socket
+
+    with socket.socket() as sock:  # bound and closed again: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("model_args", [[], ["--model", "someorg/some-sdxl"]], ids=["default-model", "hub-id"])
+def test_an_unreachable_hub_fails_in_seconds_with_one_line(model_args, tmp_path):
+    """No route to the hub and nothing cached: one line naming the model and the ways out, not
+    minutes of retries and a traceback."""
+    env = _without_hub_settings(HF_ENDPOINT=_closed_loopback_url(), HF_HOME=str(tmp_path / "hf"))
+    argv = ["generate", "--subject", "dog", "--prompt", "a dog", "--prompt", "a dog running",
+            *model_args, "--out", str(tmp_path / "out")]
+    done = subprocess.run([sys.executable, "-m", "consistory.cli", *argv], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 1
+    model = model_args[1] if model_args else "stabilityai/stable-diffusion-xl-base-1.0"
+    assert_one_line_error(done.stderr, model, "could not be reached", "--model tiny", "HF_HUB_OFFLINE=1")
+    assert not (tmp_path / "out").exists()
+
+
+def test_offline_hub_without_the_model_cached_says_so(tmp_path, capsys):
+    # The test session runs with HF_HUB_OFFLINE=1 (conftest), as a user who set it would.
+    argv = ["generate", "--subject", "dog", "--prompt", "a dog", "--prompt", "a dog running",
+            "--model", "someorg/not-cached", "--out", str(tmp_path)]
+    assert main(argv) == 1
+    assert_one_line_error(capsys.readouterr().err, "someorg/not-cached", "not in the local Hugging Face cache",
+                          "--model tiny")
+
+
+def test_help_answers_without_loading_torch():
+    code = ("import sys; from consistory.cli import main; main(['--help']); main(['batch', '--help']); "
+            "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'ray') if m in sys.modules]; "
+            "print('HEAVY', heavy)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "HEAVY []" in done.stdout and "usage: consistory batch" in done.stdout
+    assert done.stderr == ""
+
+
+def test_more_anchors_than_prompts_is_refused(tmp_path, capsys):
+    argv = ["generate", "--subject", "dog", "--prompt", "a dog on a hill"]  # 1 prompt, 2 anchors by default
+    assert main([*argv, *TINY, "--out", str(tmp_path)]) == 2
+    assert_one_line_error(capsys.readouterr().err, "1 prompt(s) for 2 anchors (the default)", "--n-anchors 1")
+    assert not (tmp_path / "story.json").exists()
+
+
+def test_the_progress_bar_counts_each_pass_in_the_steps_the_user_set(tmp_path, capsys):
+    argv = ["generate", "--model", "tiny", "--steps", "3", "--height", "64", "--subject", "dog",
+            "--prompt", "a dog", "--prompt", "a dog running", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    bar = capsys.readouterr().err
+    assert "pass 1 of 2" in bar and "pass 2 of 2" in bar and "3/3" in bar
+    assert "/6" not in bar  # not both passes' UNet steps as one count
+
+
+def test_plural_subjects_are_found_from_the_command_line(tmp_path):
+    argv = ["generate", "--subject", "macaron", "--prompt", "a macaron on a table",
+            "--prompt", "an array of delicate macarons on a porcelain plate"]
+    assert main([*argv, *TINY, "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "story.json").read_text())["subjects"] == ["macaron"]

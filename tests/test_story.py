@@ -86,6 +86,11 @@ def test_a_prompt_without_the_subject_names_the_prompt(tiny_pipe):
         tiny_pipe.generate_story([ANCHORS[0], "a cat on the sofa"], SUBJECTS, config=CONFIG)
 
 
+def test_more_anchors_than_prompts_is_refused(tiny_pipe):
+    with pytest.raises(ValueError, match="n_anchors is 2 but only 1 prompt"):
+        tiny_pipe.generate_story(ANCHORS[:1], SUBJECTS, config=CONFIG)  # CONFIG has the default 2 anchors
+
+
 def test_bad_latents_and_config_are_rejected(tiny_pipe):
     with pytest.raises(ValueError, match="latents must have shape"):
         tiny_pipe.generate_story(ANCHORS, SUBJECTS, config=CONFIG, latents=torch.zeros(2, 4, 8, 8))

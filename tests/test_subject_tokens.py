@@ -60,3 +60,29 @@ def test_a_prompt_without_any_subject_is_rejected_by_name(tokenizer):
 def test_empty_subjects_are_rejected(tokenizer, subjects):
     with pytest.raises(ValueError, match="subjects"):
         find_subject_tokens(tokenizer, ["a dog"], subjects)
+
+
+@pytest.mark.parametrize(
+    "subject, prompt, spelled",
+    [
+        ("macaron", "an array of delicate macarons on a porcelain plate", "macarons"),  # as a new user wrote it
+        ("macarons", "a macaron on a plate", "macaron"),  # and the other way round
+        ("box", "three boxes on a shelf", "boxes"),
+        ("puppy", "two puppies playing", "puppies"),
+        ("polar bear", "two polar bears on the ice", "polarbears"),
+        ("wizard hat", "the hats of two old wizards", "hatswizards"),
+    ],
+)
+def test_a_subject_matches_its_plural(tokenizer, subject, prompt, spelled):
+    (positions,) = find_subject_tokens(tokenizer, [prompt], [subject]).positions[0]
+    assert _pieces(tokenizer, prompt, positions) == spelled
+
+
+@pytest.mark.parametrize(
+    "subject, prompt",
+    [("dog", "a hotdog on a plate"), ("dog", "a dogma of the church"), ("hat", "a cat hates the rain"),
+     ("cat", "a catalog of toys")],
+)
+def test_longer_words_that_contain_the_subject_do_not_match(tokenizer, subject, prompt):
+    with pytest.raises(ValueError, match="contains none of the subjects"):
+        find_subject_tokens(tokenizer, [prompt], [subject])
