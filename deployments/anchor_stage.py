@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Optional
 
 from ray import serve
 
@@ -22,7 +22,7 @@ from .models import ModelReplica
 from .subjects import SubjectRecord, cache_key, save_record, sha256_of, subject_prefix
 
 
-def record_for(subject_id: str, cache, buffers) -> SubjectRecord:
+def record_for(subject_id: str, cache, buffers, owner: Optional[str] = None) -> SubjectRecord:
     """The subject record, read off the cache itself so the two can never disagree."""
     return SubjectRecord(
         subject_id=subject_id,
@@ -36,13 +36,15 @@ def record_for(subject_id: str, cache, buffers) -> SubjectRecord:
         cache_nbytes=buffers.nbytes,
         cache_codec=cache.codec,
         cache_sha256=sha256_of(buffers),
+        owner=owner,
     )
 
 
 @serve.deployment(name="AnchorStage")
 class AnchorStage(ModelReplica):
     async def create(
-        self, subject_id: str, prompts: list[str], subjects: list[str], seed: int, config: dict[str, Any]
+        self, subject_id: str, prompts: list[str], subjects: list[str], seed: int, config: dict[str, Any],
+        owner: Optional[str] = None,
     ) -> AnchorsResult:
         from consistory import ConsiStoryConfig
 
@@ -60,7 +62,7 @@ class AnchorStage(ModelReplica):
             cache_codec=self.settings.cache_codec,
         )
         generated = time.perf_counter()
-        pngs, handle = await asyncio.to_thread(self._persist, subject_id, out)
+        pngs, handle = await asyncio.to_thread(self._persist, subject_id, out, owner)
         return AnchorsResult(
             pngs=pngs,
             seeds=list(out.seeds),
@@ -72,13 +74,13 @@ class AnchorStage(ModelReplica):
             },
         )
 
-    def _persist(self, subject_id: str, out) -> tuple[list[bytes], CacheHandle]:
+    def _persist(self, subject_id: str, out, owner: Optional[str]) -> tuple[list[bytes], CacheHandle]:
         # The cache first, the record last: a record in the store means a complete subject.
         # The store and the object store get the same chunks: one layout, one reader.
         buffers = out.cache.to_buffers(self.settings.cache_chunk_bytes)
         try:
             self.store.put_parts(cache_key(subject_id), list(buffers), "application/octet-stream")
-            save_record(self.store, record_for(subject_id, out.cache, buffers))
+            save_record(self.store, record_for(subject_id, out.cache, buffers, owner))
         except BaseException:
             # A store that refused a write (a full disk, say) leaves no half subject behind.
             self.store.delete_prefix(subject_prefix(subject_id))

@@ -33,6 +33,7 @@ from .artifact_store import ArtifactNotFound
 from .cache_transport import get_cache
 from .images import encode_png
 from .messages import CacheHandle, ImageResult
+from .metrics import count_cache_use, observe_stage, set_cache_bytes
 from .models import ModelReplica
 from .subjects import (
     SubjectRecord,
@@ -101,9 +102,13 @@ class Generator(ModelReplica):
         await self._evict_over_budget()
         source = loaded.take_source()
         cache_ready = time.perf_counter()
+        count_cache_use(source)
+        observe_stage("cache_load", cache_ready - started)
+        set_cache_bytes(sum(m.nbytes for m in self._multiplexed_models().values()))
         pipe = self.runner.pipeline
         out = await self.runner.run(pipe.generate_from_anchors, loaded.cache, [prompt], [seed], output_type="pil")
         png = await asyncio.to_thread(encode_png, out.images[0])
+        observe_stage("generation", time.perf_counter() - cache_ready)
         return ImageResult(
             png=png,
             seed=out.seeds[0],

@@ -16,16 +16,19 @@ import secrets
 import time
 from typing import Any, Optional
 
-from fastapi import HTTPException, Request
+from fastapi import Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from .access import Access, current_caller
+from .api_keys import Caller
 from .artifact_store import LocalArtifactStore, artifact_store_from_config
 from .checks import check_prompts, check_seeds, check_subject_tokens, check_subjects, first_seed, request_config, unprocessable
 from .images import to_b64
 from .ingress_app import app, edge_limits, logger
 from .messages import AnchorsResult, ImageResult
+from .metrics import count_images, observe_stage, observe_time_to_consistent_subject
 from .readiness import Readiness
 from .remote import CacheRefs, call, gather_in_order
 from .responses import documented
@@ -37,22 +40,27 @@ from .schemas import (
     ImagesResponse,
     ReadyOut,
     StoryRequest,
+    SubjectListOut,
     SubjectOut,
     SubjectRequest,
 )
 from .settings import ServiceSettings
 from .signed_urls import check_signature, signed_url
 from .subjects import (
+    OverQuota,
     SubjectRecord,
     UnknownSubject,
+    all_subject_ids,
+    claim_subject,
     delete_subject as forget_subject,
+    owned_subject_ids,
+    release_subject,
     image_key,
     is_image_key,
     load_record,
     new_request_id,
     new_subject_id,
     record_key,
-    subject_prefix,
 )
 
 ARTIFACTS = "/v1/artifacts"
@@ -68,8 +76,8 @@ class _ForgetOnFailure:
     """Deletes a just-made subject if what follows its anchors fails or is cancelled, so its id,
     which the client never got, leaves no record, cache or images behind."""
 
-    def __init__(self, ingress: "Ingress", subject_id: str) -> None:
-        self.ingress, self.subject_id = ingress, subject_id
+    def __init__(self, ingress: "Ingress", subject_id: str, owner: Optional[str]) -> None:
+        self.ingress, self.subject_id, self.owner = ingress, subject_id, owner
 
     async def __aenter__(self) -> None:
         return None
@@ -80,7 +88,7 @@ class _ForgetOnFailure:
         ingress = self.ingress
         ingress.refs.drop(self.subject_id)
         try:  # shielded: a cancelled request must still clean up
-            await asyncio.shield(asyncio.to_thread(ingress.store.delete_prefix, subject_prefix(self.subject_id)))
+            await asyncio.shield(asyncio.to_thread(release_subject, ingress.store, self.owner, self.subject_id))
         except Exception:  # the original failure is what the client must see
             logger.exception("could not remove subject %s after a failed request", self.subject_id)
 
@@ -115,6 +123,8 @@ class Ingress:
         self.readiness = Readiness(self.settings.ready_cache_s)
         key = os.environ.get("CONSISTORY_URL_SIGNING_KEY") or self.settings.url_signing_key
         self._signing_key = key.encode() if key else self._shared_signing_key()
+        app.state.access = Access()
+        app.state.access.configure(self.settings.auth)
         edge_limits.max_bytes = self.settings.limits.max_body_bytes
         edge_limits.deadline_s = self.settings.request_deadline_s
         edge_limits.retry_after_s = self.settings.retry_after_s
@@ -133,8 +143,9 @@ class Ingress:
 
     # --- v1 API ---
     @app.post("/v1/stories", response_model=ImagesResponse, response_model_exclude_none=True,
-              responses=documented(413, 422, 503))
-    async def create_story(self, body: StoryRequest, request: Request) -> ImagesResponse:
+              responses=documented(401, 413, 422, 429, 503))
+    async def create_story(self, body: StoryRequest, request: Request,
+                           caller: Caller = Depends(current_caller)) -> ImagesResponse:
         """The whole story: anchors first, the other prompts fanned out; images in prompt order."""
         started = time.perf_counter()
         n_anchors = body.n_anchors or min(self.settings.defaults.n_anchors, len(body.prompts))
@@ -147,8 +158,13 @@ class Ingress:
         config = request_config(body, n_anchors, self.settings)
         seed = first_seed(body.seed, len(body.prompts))
         subject_id, request_id = new_subject_id(), new_request_id()
+        await self._claim(caller, subject_id)
+        async with self._forgotten_on_failure(subject_id, caller.name):
+            return await self._story(body, subject_id, request_id, n_anchors, seed, config, caller, started)
 
-        anchors = await self._anchors(subject_id, body.prompts[:n_anchors], body.subjects, seed, config)
+    async def _story(self, body: StoryRequest, subject_id: str, request_id: str, n_anchors: int, seed: int,
+                     config, caller: Caller, started: float) -> ImagesResponse:
+        anchors = await self._anchors(subject_id, body.prompts[:n_anchors], body.subjects, seed, config, caller.name)
         anchors_done = time.perf_counter()
         first_new: list[float] = []
 
@@ -162,9 +178,9 @@ class Ingress:
             self._store_image(subject_id, request_id, i, body.prompts[i], anchors.seeds[i], png, body.response_format)
             for i, png in enumerate(anchors.pngs)
         ]
-        async with self._forgotten_on_failure(subject_id):
-            images = await gather_in_order(stored + [new_image(i) for i in range(n_anchors, len(body.prompts))])
+        images = await gather_in_order(stored + [new_image(i) for i in range(n_anchors, len(body.prompts))])
         done = time.perf_counter()
+        observe_time_to_consistent_subject((min(first_new) if first_new else anchors_done) - started)
         timings = {**anchors.timings, "anchors_s": anchors_done - started, "images_s": done - anchors_done,
                    "total_s": done - started}
         if first_new:
@@ -172,33 +188,50 @@ class Ingress:
         return ImagesResponse(subject_id=subject_id, images=images, timings=timings)
 
     @app.post("/v1/subjects", response_model=ImagesResponse, response_model_exclude_none=True,
-              responses=documented(413, 422, 503))
-    async def create_subject(self, body: SubjectRequest, request: Request) -> ImagesResponse:
+              responses=documented(401, 413, 422, 429, 503))
+    async def create_subject(self, body: SubjectRequest, request: Request,
+                             caller: Caller = Depends(current_caller)) -> ImagesResponse:
         """A reusable subject from its anchor prompts; answers its id and the anchor images."""
         started = time.perf_counter()
         await self._check(body.prompts, body.subjects)
         config = request_config(body, len(body.prompts), self.settings)
         seed = first_seed(body.seed, len(body.prompts))
         subject_id, request_id = new_subject_id(), new_request_id()
-        anchors = await self._anchors(subject_id, body.prompts, body.subjects, seed, config)
-        async with self._forgotten_on_failure(subject_id):
+        await self._claim(caller, subject_id)
+        async with self._forgotten_on_failure(subject_id, caller.name):
+            anchors = await self._anchors(subject_id, body.prompts, body.subjects, seed, config, caller.name)
             images = await gather_in_order(
                 self._store_image(subject_id, request_id, i, prompt, anchors.seeds[i], png, body.response_format)
                 for i, (prompt, png) in enumerate(zip(body.prompts, anchors.pngs))
             )
+        observe_time_to_consistent_subject(anchors.timings.get("anchors_call_s", 0.0))
         timings = {**anchors.timings, "total_s": time.perf_counter() - started}
         return ImagesResponse(subject_id=subject_id, images=images, timings=timings)
 
-    @app.get("/v1/subjects/{subject_id}", response_model=SubjectOut, responses=documented(404, 503))
-    async def get_subject(self, subject_id: str) -> SubjectRecord:
-        return await self._record(subject_id)
+    @app.get("/v1/subjects", response_model=SubjectListOut, response_model_exclude_none=True,
+             responses=documented(401, 429, 503))
+    async def list_subjects(self, limit: int = Query(100, ge=1, le=1000), after: Optional[str] = None,
+                            caller: Caller = Depends(current_caller)) -> SubjectListOut:
+        """The caller's subjects (every subject for an admin key, or with auth off), by id."""
+        if caller.admin:
+            ids = await asyncio.to_thread(all_subject_ids, self.store)
+        else:
+            ids = await asyncio.to_thread(owned_subject_ids, self.store, caller.name)
+        ids = sorted(i for i in ids if after is None or i > after)
+        page = ids[:limit]
+        return SubjectListOut(subject_ids=page, next_after=page[-1] if len(ids) > limit else None)
+
+    @app.get("/v1/subjects/{subject_id}", response_model=SubjectOut, responses=documented(401, 404, 429, 503))
+    async def get_subject(self, subject_id: str, caller: Caller = Depends(current_caller)) -> SubjectRecord:
+        return await self._record(subject_id, caller)
 
     @app.post("/v1/subjects/{subject_id}/images", response_model=ImagesResponse, response_model_exclude_none=True,
-              responses=documented(404, 409, 413, 422, 503))
-    async def create_images(self, subject_id: str, body: ImagesRequest, request: Request) -> ImagesResponse:
+              responses=documented(401, 404, 409, 413, 422, 429, 503))
+    async def create_images(self, subject_id: str, body: ImagesRequest, request: Request,
+                            caller: Caller = Depends(current_caller)) -> ImagesResponse:
         """New images of an existing subject; default seeds continue the anchors'."""
         started = time.perf_counter()
-        record = await self._record(subject_id)
+        record = await self._record(subject_id, caller)
         if record.model != self.settings.model_id:
             raise HTTPException(
                 status_code=409,
@@ -222,10 +255,11 @@ class Ingress:
         return ImagesResponse(subject_id=subject_id, images=images,
                               timings={"images_s": done - checked, "total_s": done - started})
 
-    @app.delete("/v1/subjects/{subject_id}", response_model=DeletedOut, responses=documented(404, 503))
-    async def delete_subject(self, subject_id: str) -> DeletedOut:
+    @app.delete("/v1/subjects/{subject_id}", response_model=DeletedOut, responses=documented(401, 404, 429, 503))
+    async def delete_subject(self, subject_id: str, caller: Caller = Depends(current_caller)) -> DeletedOut:
         """Forget the subject: its record, cache and images. Generators drop their copies as
         their LRUs turn over; nothing can reach them by this id any more."""
+        await self._record(subject_id, caller)
         try:
             await asyncio.to_thread(forget_subject, self.store, subject_id)
         except UnknownSubject as error:
@@ -263,38 +297,56 @@ class Ingress:
 
         await asyncio.to_thread(run)
 
-    async def _record(self, subject_id: str) -> SubjectRecord:
+    async def _record(self, subject_id: str, caller: Caller) -> SubjectRecord:
+        """The record if the caller may see it; another key's subject is as unknown as a missing one."""
         try:
-            return await asyncio.to_thread(load_record, self.store, subject_id)
+            record = await asyncio.to_thread(load_record, self.store, subject_id)
         except UnknownSubject as error:
             raise _not_found(error) from None
+        if not caller.may_see(record.owner):
+            raise _not_found(UnknownSubject(subject_id))
+        return record
 
-    def _forgotten_on_failure(self, subject_id: str):
-        return _ForgetOnFailure(self, subject_id)
+    async def _claim(self, caller: Caller, subject_id: str) -> None:
+        limit = caller.key.max_subjects if caller.key is not None else None
+        try:
+            await asyncio.to_thread(claim_subject, self.store, caller.name, subject_id, limit)
+        except OverQuota as error:
+            raise HTTPException(status_code=429, detail=str(error),
+                                headers={"Retry-After": str(max(1, int(self.settings.retry_after_s)))}) from None
 
-    async def _anchors(self, subject_id: str, prompts: list[str], subjects: list[str], seed: int, config) -> "AnchorsResult":
+    def _forgotten_on_failure(self, subject_id: str, owner: Optional[str]):
+        return _ForgetOnFailure(self, subject_id, owner)
+
+    async def _anchors(self, subject_id: str, prompts: list[str], subjects: list[str], seed: int, config,
+                       owner: Optional[str]) -> "AnchorsResult":
         made = asyncio.ensure_future(call(
-            lambda: self.anchor_stage.create.remote(subject_id, prompts, subjects, seed, config.to_dict()),
+            lambda: self.anchor_stage.create.remote(subject_id, prompts, subjects, seed, config.to_dict(), owner),
             "anchor stage",
             self.settings.retry_after_s,
         ))
+        started = time.perf_counter()
         try:
             # Shielded: a client that leaves does not stop the anchors halfway through persisting
             # them (which would leave a subject whose id nobody has); they finish, then go.
             result: AnchorsResult = await asyncio.shield(made)
         except asyncio.CancelledError:
-            asyncio.ensure_future(self._forget_when_done(made, subject_id))
+            asyncio.ensure_future(self._forget_when_done(made, subject_id, owner))
             raise
+        elapsed = time.perf_counter() - started
+        observe_stage("anchors", elapsed)
+        count_images("anchor", len(result.pngs))
         self.refs.put(subject_id, result.cache)
+        result.timings["anchors_call_s"] = elapsed
         return result
 
-    async def _forget_when_done(self, made: "asyncio.Future", subject_id: str) -> None:
+    async def _forget_when_done(self, made: "asyncio.Future", subject_id: str, owner: Optional[str]) -> None:
         try:
             await made
         except BaseException:
             pass  # a failed anchor batch persists nothing (the AnchorStage cleans up after itself)
         try:
-            await asyncio.to_thread(self.store.delete_prefix, subject_prefix(subject_id))
+            await asyncio.to_thread(release_subject, self.store, owner, subject_id)
         except Exception:
             logger.exception("could not remove subject %s after its client left", subject_id)
 
@@ -305,6 +357,7 @@ class Ingress:
         result: ImageResult = await call(
             lambda: handle.generate.remote(cache, prompt, seed), "generator", self.settings.retry_after_s
         )
+        count_images("new")
         if cache is not None and result.cache_source in ("artifact_store", "rebuilt"):
             self.refs.drop(subject_id)  # its owner is gone; later calls go to the store directly
         return await self._store_image(subject_id, request_id, index, prompt, result.seed, result.png, response_format)
@@ -312,7 +365,9 @@ class Ingress:
     async def _store_image(self, subject_id: str, request_id: str, index: int, prompt: str, seed: int,
                            png: bytes, response_format: str) -> ImageOut:
         key = image_key(subject_id, request_id, index)
+        started = time.perf_counter()
         await asyncio.to_thread(self.store.put, key, png, "image/png")
+        observe_stage("store", time.perf_counter() - started)
         if response_format == "b64_json":
             return ImageOut(index=index, prompt=prompt, seed=seed, b64_json=to_b64(png))
         return ImageOut(index=index, prompt=prompt, seed=seed, url=await self._url(key))

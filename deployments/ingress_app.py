@@ -19,8 +19,10 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from .access import Access
 from .artifact_store import ArtifactStoreError
 from .http_edge import EdgeLimits, HttpEdge, RequestIdLogFilter, current_request_id
+from .metrics import RequestMetrics
 from .responses import store_unavailable
 
 logger = logging.getLogger("ray.serve")
@@ -35,7 +37,9 @@ app = FastAPI(
     redoc_url=None,
 )
 edge_limits = EdgeLimits()
+app.state.access = Access()  # open until the Ingress configures it (deployments/access.py)
 app.add_middleware(HttpEdge, limit=edge_limits)
+app.add_middleware(RequestMetrics)  # outermost: counts the edge's own answers (413, 503) too
 app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
 

@@ -23,17 +23,23 @@ def start_local(
     num_cpus: Optional[float] = None,
     env_vars: Optional[dict[str, str]] = None,
     ready_timeout_s: float = 300.0,
+    metrics_export_port: Optional[int] = None,
 ) -> str:
-    """Start Ray (if not running) and Serve on host:port, deploy the app, wait until ready."""
+    """Start Ray (if not running) and Serve on host:port, deploy the app, wait until ready.
+    `metrics_export_port`: where the node serves Prometheus metrics (`/metrics`)."""
     import ray
     from ray import serve
 
     if not ray.is_initialized():
+        extra: dict[str, Any] = {}
+        if metrics_export_port is not None:
+            extra["_metrics_export_port"] = metrics_export_port
         ray.init(
             num_cpus=num_cpus,
             include_dashboard=False,
             runtime_env={"env_vars": dict(env_vars)} if env_vars else None,
             log_to_driver=False,  # replica logs stay in /tmp/ray/session_latest/logs
+            **extra,
         )
     serve.start(http_options={"host": host, "port": port})
     return run_app(args, name="consistory", route_prefix="/", host=host, port=port, ready_timeout_s=ready_timeout_s)

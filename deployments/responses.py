@@ -14,11 +14,19 @@ from .schemas import ErrorOut
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
 
 ERRORS: dict[int, dict[str, Any]] = {
+    401: {
+        "description": "No API key, or an unknown one: send `Authorization: Bearer <key>`.",
+        "headers": {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
+    },
     403: {"description": "The image URL's signature is wrong or has expired; ask for the image again."},
     404: {"description": "No such subject or image: never made, deleted, or past its retention."},
     409: {"description": "The subject was made with another model than the one this service runs."},
     413: {"description": "The request body is larger than the service accepts."},
     422: {"description": "The request is invalid; `detail` names the field and how to fix it."},
+    429: {
+        "description": "The API key is over its request rate or its number of subjects.",
+        "headers": _RETRY_AFTER,
+    },
     503: {
         "description": "At capacity, a worker was lost, or the artifact store failed; retry after Retry-After.",
         "headers": _RETRY_AFTER,

@@ -84,6 +84,13 @@ class SubjectOut(SubjectRecord):
     """The subject record: enough to regenerate its anchors bit for bit."""
 
 
+class SubjectListOut(BaseModel):
+    """Subject ids in id order: the caller's own, or every subject for an admin key."""
+
+    subject_ids: list[str]
+    next_after: Optional[str] = Field(None, description="Pass as `after` for the next page; absent on the last.")
+
+
 class DeletedOut(BaseModel):
     subject_id: str
     deleted: bool

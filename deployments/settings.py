@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from .api_keys import AuthSettings
+
 PRESET_PREFIX = "preset:"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -141,9 +143,11 @@ class ServiceSettings(_Strict):
     # The address clients reach the service at (behind a load balancer: its public URL); local-store
     # image URLs start with it. Unset, they are paths on the service. Never taken from the Host header.
     public_base_url: Optional[str] = Field(None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
-    # Signs local-store image URLs; CONSISTORY_URL_SIGNING_KEY wins. Unset, each deployment of the
-    # app makes its own (URLs then stop working when the app is deployed again).
+    # Signs local-store image URLs; CONSISTORY_URL_SIGNING_KEY wins. Unset, the first Ingress
+    # replica stores a random key in the artifact store and every replica uses that one.
     url_signing_key: Optional[str] = Field(None, min_length=16)
+    # API keys (hashes only), ownership and per-key quotas: see deployments/api_keys.py.
+    auth: AuthSettings = AuthSettings()
     ready_cache_s: float = Field(2.0, ge=0)  # /readyz answers from a cache this young
     # No request runs longer than this, whatever timeout headers a client sends the proxy; keep
     # it at or under the proxy's request_timeout_s.

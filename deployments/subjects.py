@@ -57,6 +57,7 @@ class SubjectRecord(BaseModel):
     cache_codec: str = "exact"
     cache_sha256: Optional[str] = None  # of the stored cache file; a cache that differs is rebuilt
     rebuilds: int = 0  # how often the cache was rebuilt from this record
+    owner: Optional[str] = None  # the API key's name that made it (None with auth off)
     format: str = RECORD_FORMAT
     version: int = RECORD_VERSION
 
@@ -160,6 +161,49 @@ def rebuild_lease_held(store: ArtifactStore, subject_id: str) -> bool:
     return store.exists(lease_key(subject_id))
 
 
+# --- ownership: an index per API key, so quotas and listings never scan every subject ---
+class OverQuota(Exception):
+    def __init__(self, owner: str, count: int, limit: int) -> None:
+        super().__init__(
+            f"API key {owner!r} has {count} subjects, its limit is {limit}; delete some with "
+            "DELETE /v1/subjects/{id} (GET /v1/subjects lists them)"
+        )
+
+
+def owner_key(owner: str, subject_id: str) -> str:
+    return f"owners/{owner}/subjects/{subject_id}"
+
+
+def owned_subject_ids(store: ArtifactStore, owner: str) -> list[str]:
+    prefix = f"owners/{owner}/subjects/"
+    return [a.key[len(prefix):] for a in store.list_prefix(prefix) if is_subject_id(a.key[len(prefix):])]
+
+
+def all_subject_ids(store: ArtifactStore) -> list[str]:
+    return [a.key.split("/")[1] for a in store.list_prefix("subjects/")
+            if a.key.endswith("/record.json") and is_subject_id(a.key.split("/")[1])]
+
+
+def claim_subject(store: ArtifactStore, owner: Optional[str], subject_id: str, max_subjects: Optional[int]) -> None:
+    """Counts a subject against its owner before any work is done for it (raises OverQuota).
+    Concurrent requests of one key can pass the check together: the limit is exact only to
+    within the requests a key has in flight."""
+    if owner is None:
+        return
+    if max_subjects is not None:
+        count = len(owned_subject_ids(store, owner))
+        if count >= max_subjects:
+            raise OverQuota(owner, count, max_subjects)
+    store.put(owner_key(owner, subject_id), b"", "application/octet-stream")
+
+
+def release_subject(store: ArtifactStore, owner: Optional[str], subject_id: str) -> None:
+    """Undo `claim_subject` and remove whatever was stored for the subject."""
+    store.delete_prefix(subject_prefix(subject_id))
+    if owner is not None:
+        store.delete_prefix(owner_key(owner, subject_id))
+
+
 def save_record(store: ArtifactStore, record: SubjectRecord) -> None:
     store.put(record_key(record.subject_id), record.to_json(), "application/json")
 
@@ -180,5 +224,12 @@ def delete_subject(store: ArtifactStore, subject_id: str) -> int:
         raise UnknownSubject(subject_id)
     if not store.exists(record_key(subject_id)):
         raise UnknownSubject(subject_id)
+    try:
+        owner = load_record(store, subject_id).owner
+    except (UnknownSubject, ValueError):
+        owner = None  # unreadable: still deleted
     removed = store.delete_prefix(record_key(subject_id))
-    return removed + store.delete_prefix(subject_prefix(subject_id))
+    removed += store.delete_prefix(subject_prefix(subject_id))
+    if owner is not None:
+        removed += store.delete_prefix(owner_key(owner, subject_id))
+    return removed

@@ -387,3 +387,20 @@ def test_s3_cache_chunks_upload_multipart_and_download_into_one_buffer(
     buffer = store.get_buffer("subjects/s1/anchor_cache.safetensors")
     assert isinstance(buffer, np.ndarray) and buffer.nbytes == 8 + sum(c.nbytes for c in chunks)
     assert buffer.tobytes() == b"header!!" + b"".join(c.tobytes() for c in chunks)
+
+
+def test_list_prefix_gives_keys_sizes_and_times_in_order(store: ArtifactStore) -> None:
+    import time
+
+    before = time.time() - 5
+    for key, size in [("subjects/abc/b.png", 3), ("subjects/abc/a.png", 1), ("subjects/abd/x.png", 2),
+                      ("jobs/j1/job.json", 4)]:
+        store.put(key, b"x" * size, "application/octet-stream")
+    listed = list(store.list_prefix("subjects/ab"))
+    assert [(a.key, a.nbytes) for a in listed] == [
+        ("subjects/abc/a.png", 1), ("subjects/abc/b.png", 3), ("subjects/abd/x.png", 2)]
+    assert all(before <= a.modified_at <= time.time() + 5 for a in listed)
+    assert [a.key for a in store.list_prefix("subjects/abc/")] == ["subjects/abc/a.png", "subjects/abc/b.png"]
+    assert list(store.list_prefix("nothing/")) == []
+    with pytest.raises(ValueError):
+        list(store.list_prefix("../"))

@@ -12,7 +12,14 @@ and ``config`` (``artifact_store_from_config`` and the environment variables it 
 from __future__ import annotations
 
 # validate_key / validate_prefix: importable from here as before the split, though not in __all__.
-from .base import ArtifactNotFound, ArtifactStore, ArtifactStoreError, validate_key, validate_prefix  # noqa: F401
+from .base import (  # noqa: F401
+    ArtifactNotFound,
+    ArtifactStore,
+    ArtifactStoreError,
+    StoredArtifact,
+    validate_key,
+    validate_prefix,
+)
 from .config import artifact_store_from_config
 from .local import LocalArtifactStore
 from .s3 import S3ArtifactStore

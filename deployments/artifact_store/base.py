@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import abc
 import functools
-from typing import Any, Callable, Sequence, TypeVar
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -80,6 +81,13 @@ def validate_prefix(prefix: str) -> str:
     return prefix
 
 
+@dataclass(frozen=True)
+class StoredArtifact:
+    key: str
+    nbytes: int
+    modified_at: float  # unix time of the last write
+
+
 class ArtifactStore(abc.ABC):
     """Stores bytes by key. Implementations must make ``put`` all-or-nothing."""
 
@@ -114,6 +122,11 @@ class ArtifactStore(abc.ABC):
     def delete_prefix(self, prefix: str) -> int:
         """Delete every artifact whose key starts with ``prefix`` (a plain string prefix,
         as in S3: ``subjects/ab`` also matches ``subjects/abc/...``). Returns how many."""
+
+    @abc.abstractmethod
+    def list_prefix(self, prefix: str) -> Iterator[StoredArtifact]:
+        """Every artifact whose key starts with ``prefix`` (as ``delete_prefix`` matches), in
+        key order, read lazily (a bucket can hold millions)."""
 
     @abc.abstractmethod
     def url(self, key: str, expires_s: int = 3600) -> str:

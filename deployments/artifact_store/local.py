@@ -6,9 +6,9 @@ import mmap
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-from .base import ArtifactNotFound, ArtifactStore, store_errors, validate_key, validate_prefix
+from .base import ArtifactNotFound, ArtifactStore, ArtifactStoreError, StoredArtifact, store_errors, validate_key, validate_prefix
 
 __all__ = ["LocalArtifactStore"]
 
@@ -135,6 +135,33 @@ class LocalArtifactStore(ArtifactStore):
                 except OSError:
                     pass
         return removed
+
+    def list_prefix(self, prefix: str) -> Iterator[StoredArtifact]:
+        validate_prefix(prefix)
+        base_key = prefix.rstrip("/") if prefix.endswith("/") else prefix.rpartition("/")[0]
+        base = (self.root / base_key).resolve() if base_key else self.root
+        if not base.is_relative_to(self.root) or not base.is_dir():
+            return
+        yield from self._listed(base, prefix)
+
+    def _listed(self, directory: Path, prefix: str) -> Iterator[StoredArtifact]:
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except FileNotFoundError:
+            return  # removed while listed
+        except OSError as error:
+            raise ArtifactStoreError(f"could not list {directory}: {error.strerror}") from error
+        for entry in entries:
+            key = Path(entry.path).relative_to(self.root).as_posix()
+            if entry.is_dir(follow_symlinks=False):
+                if (key + "/").startswith(prefix) or prefix.startswith(key + "/"):
+                    yield from self._listed(Path(entry.path), prefix)
+            elif key.startswith(prefix) and not entry.name.endswith(_TMP_SUFFIX):
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                yield StoredArtifact(key, info.st_size, info.st_mtime)
 
     def url(self, key: str, expires_s: int = 3600) -> str:
         validate_key(key)

@@ -7,13 +7,21 @@ S3 credentials come only from boto3's normal chain (``AWS_ACCESS_KEY_ID`` /
 from __future__ import annotations
 
 import io
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .base import ArtifactNotFound, ArtifactStore, ArtifactStoreError, store_errors, validate_key, validate_prefix
+from .base import (
+    ArtifactNotFound,
+    ArtifactStore,
+    ArtifactStoreError,
+    StoredArtifact,
+    store_errors,
+    validate_key,
+    validate_prefix,
+)
 
 __all__ = ["S3ArtifactStore"]
 
@@ -233,6 +241,16 @@ class S3ArtifactStore(ArtifactStore):
         if batch:
             removed += self._delete_batch(batch)
         return removed
+
+    def list_prefix(self, prefix: str) -> Iterator[StoredArtifact]:
+        validate_prefix(prefix)
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                for obj in page.get("Contents", []):
+                    yield StoredArtifact(obj["Key"][len(self.prefix):], obj["Size"], obj["LastModified"].timestamp())
+        except (BotoCoreError, ClientError) as error:
+            raise ArtifactStoreError(f"could not list s3://{self.bucket}/{self.prefix}{prefix}: {error}") from error
 
     def _delete_batch(self, batch: list[dict[str, str]]) -> int:
         response = self.client.delete_objects(
