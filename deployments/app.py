@@ -20,8 +20,7 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Application:
     settings = ServiceSettings.from_args(args)
     shared = settings.model_dump(mode="json")  # plain data: what each replica is built from
     wait = settings.retry_after_s
-    anchor_stage = AnchorStage.options(
-        **settings.anchor_stage.deployment_options(wait)
-    ).bind(shared)
-    generator = Generator.options(**settings.generator.deployment_options(wait)).bind(shared)
-    return Ingress.options(**settings.ingress.deployment_options(wait)).bind(anchor_stage, generator, shared)
+    logs = {"logging_config": {"encoding": settings.log_encoding}}
+    anchor_stage = AnchorStage.options(**settings.anchor_stage.deployment_options(wait), **logs).bind(shared)
+    generator = Generator.options(**settings.generator.deployment_options(wait), **logs).bind(shared)
+    return Ingress.options(**settings.ingress.deployment_options(wait), **logs).bind(anchor_stage, generator, shared)

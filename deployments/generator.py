@@ -104,7 +104,7 @@ class Generator(ModelReplica):
         cache_ready = time.perf_counter()
         count_cache_use(source)
         observe_stage("cache_load", cache_ready - started)
-        set_cache_bytes(sum(m.nbytes for m in self._multiplexed_models().values()))
+        set_cache_bytes(sum(m.nbytes for m in self._multiplexed_models().values()), self._replica_name)
         pipe = self.runner.pipeline
         out = await self.runner.run(pipe.generate_from_anchors, loaded.cache, [prompt], [seed], output_type="pil")
         png = await asyncio.to_thread(encode_png, out.images[0])

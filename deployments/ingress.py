@@ -13,6 +13,8 @@ client that left) leaves nothing behind: its subject is deleted again.
 import asyncio
 import os
 import secrets
+import socket
+import threading
 import time
 from typing import Any, Optional
 
@@ -32,6 +34,7 @@ from .metrics import count_images, observe_stage, observe_time_to_consistent_sub
 from .readiness import Readiness
 from .remote import CacheRefs, call, gather_in_order
 from .responses import documented
+from .retention import collect_if_due
 from .schemas import (
     DeletedOut,
     HealthOut,
@@ -125,6 +128,8 @@ class Ingress:
         self._signing_key = key.encode() if key else self._shared_signing_key()
         app.state.access = Access()
         app.state.access.configure(self.settings.auth)
+        self._collector = threading.Thread(target=self._collect_forever, name="retention", daemon=True)
+        self._collector.start()
         edge_limits.max_bytes = self.settings.limits.max_body_bytes
         edge_limits.deadline_s = self.settings.request_deadline_s
         edge_limits.retry_after_s = self.settings.retry_after_s
@@ -371,6 +376,18 @@ class Ingress:
         if response_format == "b64_json":
             return ImageOut(index=index, prompt=prompt, seed=seed, b64_json=to_b64(png))
         return ImageOut(index=index, prompt=prompt, seed=seed, url=await self._url(key))
+
+    def _collect_forever(self) -> None:
+        """Retention, in the background: each replica looks every few minutes, and the one that
+        gets the store's lease collects (at most once per `retention.interval_s`)."""
+        policy = self.settings.retention
+        me = f"{socket.gethostname()}:{os.getpid()}"
+        while True:
+            try:
+                collect_if_due(self.store, policy, me)
+            except Exception:
+                logger.exception("retention collector failed; retrying at the next interval")
+            time.sleep(min(policy.interval_s, 300.0))
 
     def _shared_signing_key(self) -> bytes:
         """One key for every Ingress replica, made by the first to start: a URL signed by one

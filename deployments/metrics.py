@@ -9,7 +9,7 @@ node's `metrics_export_port`; Prometheus prefixes every name with `ray_`).
   consistory_stage_seconds{stage}                      anchors, cache_load, generation, store
   consistory_cache_uses_total{source}                  where a Generator's cache came from: replica,
                                                        object_store, artifact_store, rebuilt
-  consistory_cache_resident_bytes                      anchor-cache bytes a Generator replica holds
+  consistory_cache_resident_bytes{replica}             anchor-cache bytes a Generator replica holds
 
 Queue depth and ongoing requests per deployment are Ray Serve's own
 (`ray_serve_deployment_queued_queries`, `ray_serve_replica_processing_queries`).
@@ -48,7 +48,8 @@ def _metrics() -> Optional[dict]:
                                boundaries=LATENCY_BOUNDARIES, tag_keys=("stage",)),
             "cache_uses": Counter("consistory_cache_uses", "Where a Generator's anchor cache came from",
                                   tag_keys=("source",)),
-            "cache_bytes": Gauge("consistory_cache_resident_bytes", "Anchor-cache bytes this Generator replica holds"),
+            "cache_bytes": Gauge("consistory_cache_resident_bytes", "Anchor-cache bytes a Generator replica holds",
+                                 tag_keys=("replica",)),
         }
     except Exception:  # metrics must never break a request
         logger.exception("metrics are off: could not create them")
@@ -80,9 +81,9 @@ def count_cache_use(source: str) -> None:
         m["cache_uses"].inc(1, tags={"source": source})
 
 
-def set_cache_bytes(nbytes: int) -> None:
+def set_cache_bytes(nbytes: int, replica: str) -> None:
     if (m := _metrics()) is not None:
-        m["cache_bytes"].set(nbytes)
+        m["cache_bytes"].set(nbytes, tags={"replica": replica})
 
 
 class RequestMetrics:

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from .api_keys import AuthSettings
+from .retention import RetentionSettings
 
 PRESET_PREFIX = "preset:"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -148,6 +149,11 @@ class ServiceSettings(_Strict):
     url_signing_key: Optional[str] = Field(None, min_length=16)
     # API keys (hashes only), ownership and per-key quotas: see deployments/api_keys.py.
     auth: AuthSettings = AuthSettings()
+    # How long images and subjects are kept, and the collector that deletes them (retention.py).
+    retention: RetentionSettings = RetentionSettings()
+    # Replica logs as text or one JSON object per line (with Serve's request_id, which is the
+    # X-Request-ID the client sees), for log pipelines behind a load balancer.
+    log_encoding: Literal["TEXT", "JSON"] = "TEXT"
     ready_cache_s: float = Field(2.0, ge=0)  # /readyz answers from a cache this young
     # No request runs longer than this, whatever timeout headers a client sends the proxy; keep
     # it at or under the proxy's request_timeout_s.

@@ -134,11 +134,11 @@ def lease_key(subject_id: str) -> str:
     return f"subjects/{subject_id}/rebuild.lease"
 
 
-def acquire_rebuild_lease(store: ArtifactStore, subject_id: str, owner: str, ttl_s: float) -> bool:
-    """Whether this caller may rebuild the subject's cache now: one holder at a time across the
-    service (the store's create-if-absent decides). A lease past its expiry (its holder died) is
-    taken over."""
-    key = lease_key(subject_id)
+def acquire_lease(store: ArtifactStore, key: str, owner: str, ttl_s: float) -> bool:
+    """Whether this caller holds the lease at `key` now: one holder at a time across the service
+    (the store's create-if-absent decides). A lease past its expiry (its holder died) is taken
+    over; two callers taking over the same expired lease at once can both succeed, so what a
+    lease guards must be safe to do twice."""
     body = json.dumps({"owner": owner, "expires_at": time.time() + ttl_s}).encode()
     if store.create_exclusive(key, body, "application/json"):
         return True
@@ -151,6 +151,12 @@ def acquire_rebuild_lease(store: ArtifactStore, subject_id: str, owner: str, ttl
         store.delete_prefix(key)
         return store.create_exclusive(key, body, "application/json")
     return False
+
+
+def acquire_rebuild_lease(store: ArtifactStore, subject_id: str, owner: str, ttl_s: float) -> bool:
+    """Whether this caller may rebuild the subject's cache now (see `acquire_lease`): rebuilding
+    twice gives the same cache."""
+    return acquire_lease(store, lease_key(subject_id), owner, ttl_s)
 
 
 def release_rebuild_lease(store: ArtifactStore, subject_id: str) -> None:

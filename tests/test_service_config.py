@@ -107,3 +107,25 @@ def test_s3_lifecycle_rule_covers_the_store_prefix() -> None:
     prefix = _documents("access.yaml")[("ConfigMap", "consistory-store")]["data"]["CONSISTORY_S3_PREFIX"]
     (rule,) = [r for r in rules if "AbortIncompleteMultipartUpload" in r]
     assert rule["Status"] == "Enabled" and prefix.startswith(rule["Filter"]["Prefix"])
+
+
+def test_grafana_dashboard_queries_metrics_that_exist() -> None:
+    """Every series the dashboard plots is one the service defines (deployments/metrics.py) or
+    one of Ray Serve's own, so a renamed metric cannot silently blank a panel."""
+    import json
+    import re
+
+    from deployments import metrics
+
+    source = (ROOT / "deployments" / "metrics.py").read_text()
+    ours = set(re.findall(r'(?:Counter|Gauge|Histogram)\(\s*"(consistory_[a-z_]+)"', source))
+    assert len(ours) == 6
+    dashboard = json.loads((ROOT / "cluster" / "grafana-dashboard.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"\bray_[a-z_]+", target["expr"])}
+    serve_own = {"ray_serve_deployment_queued_queries", "ray_serve_deployment_replica_healthy"}
+    for name in queried - serve_own:
+        base = re.sub(r"_(total|bucket|count|sum)$", "", name.removeprefix("ray_"))
+        assert base in ours, f"the dashboard queries {name}, which deployments/metrics.py does not define"
+    assert {re.sub(r"_(total|bucket)$", "", n.removeprefix("ray_")) for n in queried - serve_own} == ours
+    assert metrics.LATENCY_BOUNDARIES == sorted(metrics.LATENCY_BOUNDARIES)

@@ -41,7 +41,8 @@ def service(store_root: Path, tmp_path_factory: pytest.TempPathFactory):
     keys_file = tmp_path_factory.mktemp("secret") / "keys.yaml"
     keys_file.write_text("- " + str(KEYS[1]).replace("'", '"') + "\n")
     args = tiny_service_args({"kind": "local", "root": str(store_root)}, generators=1,
-                             auth={"enabled": True, "keys": [KEYS[0], KEYS[2], KEYS[3]], "keys_file": str(keys_file)})
+                             auth={"enabled": True, "keys": [KEYS[0], KEYS[2], KEYS[3]], "keys_file": str(keys_file)},
+                             log_encoding="JSON")
     try:
         yield start_local(args, port=free_port(), num_cpus=2, env_vars=blank_store_env(),
                           metrics_export_port=METRICS_PORT)
@@ -174,3 +175,22 @@ def test_metrics_count_requests_images_stages_and_cache_sources(service):
     assert _matching(samples, "ray_consistory_cache_resident_bytes") > 0
     # Never one time series per subject: routes are templates.
     assert not any("subject_id=" in k or "/v1/subjects/0" in k for k in samples)
+
+
+def test_logs_are_json_lines_carrying_the_request_id(service):
+    import json
+
+    import ray
+
+    response = as_key("bob").get(f"{service}/v1/subjects/{'0' * 32}", headers={"X-Request-ID": "trace-me-42"}, timeout=30)
+    assert response.status_code == 404 and response.headers["x-request-id"] == "trace-me-42"
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    deadline = time.monotonic() + 30
+    found = []
+    while not found and time.monotonic() < deadline:
+        for path in logs.glob("replica_consistory_Ingress_*.log"):
+            for line in path.read_text().splitlines():
+                if "trace-me-42" in line:
+                    found.append(json.loads(line))  # every line is one JSON object
+        time.sleep(0.5)
+    assert found and all(entry["request_id"] == "trace-me-42" for entry in found)

@@ -1,0 +1,80 @@
+"""Retention on the local store and on S3 (moto on loopback): images and subjects past their age
+are deleted, everything else stays, and one replica at a time collects."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from deployments.artifact_store import ArtifactStore, LocalArtifactStore, S3ArtifactStore
+from deployments.retention import ORPHAN_CLAIM_S, RetentionSettings, collect, collect_if_due
+from deployments.subjects import (
+    cache_key,
+    claim_subject,
+    image_key,
+    new_request_id,
+    new_subject_id,
+    owner_key,
+    record_key,
+)
+from s3_server import aws_dummy_credentials, s3_bucket, s3_endpoint  # noqa: F401
+
+DAY = 86400.0
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> ArtifactStore:
+    if request.param == "local":
+        return LocalArtifactStore(tmp_path / "artifacts")
+    request.getfixturevalue("aws_dummy_credentials")
+    return S3ArtifactStore(request.getfixturevalue("s3_bucket"), prefix=f"t-{uuid.uuid4().hex[:8]}/",
+                           endpoint_url=request.getfixturevalue("s3_endpoint"))
+
+
+def _subject(store: ArtifactStore, owner: str = "alice") -> tuple[str, str]:
+    subject_id = new_subject_id()
+    claim_subject(store, owner, subject_id, None)
+    store.put(cache_key(subject_id), b"cache", "application/octet-stream")
+    store.put(record_key(subject_id), b'{"owner": "%s"}' % owner.encode(), "application/json")
+    image = image_key(subject_id, new_request_id(), 0)
+    store.put(image, b"png", "image/png")
+    return subject_id, image
+
+
+def test_old_images_go_and_their_subject_stays(store: ArtifactStore) -> None:
+    subject_id, image = _subject(store)
+    kept = collect(store, RetentionSettings(images_s=DAY), now=time.time() + DAY / 2)
+    assert kept.images == 0 and store.exists(image)
+    done = collect(store, RetentionSettings(images_s=DAY), now=time.time() + 2 * DAY)
+    assert done.images == 1 and not store.exists(image)
+    assert store.exists(record_key(subject_id)) and store.exists(cache_key(subject_id))
+
+
+def test_old_subjects_go_whole_with_their_owner_index(store: ArtifactStore) -> None:
+    old, old_image = _subject(store)
+    done = collect(store, RetentionSettings(subjects_s=DAY), now=time.time() + 2 * DAY)
+    assert done.subjects == 1
+    assert not any(store.exists(k) for k in (record_key(old), cache_key(old), old_image, owner_key("alice", old)))
+    young, _ = _subject(store)
+    assert collect(store, RetentionSettings(subjects_s=DAY)).subjects == 0 and store.exists(record_key(young))
+
+
+def test_claims_whose_subject_never_came_are_removed_after_an_hour(store: ArtifactStore) -> None:
+    orphan = new_subject_id()
+    claim_subject(store, "bob", orphan, None)
+    kept, _ = _subject(store, owner="bob")
+    assert collect(store, RetentionSettings(), now=time.time() + 60).orphan_claims == 0
+    done = collect(store, RetentionSettings(), now=time.time() + ORPHAN_CLAIM_S + 60)
+    assert done.orphan_claims == 1
+    assert not store.exists(owner_key("bob", orphan)) and store.exists(owner_key("bob", kept))
+
+
+def test_one_collector_per_interval_and_none_when_off(store: ArtifactStore) -> None:
+    policy = RetentionSettings(images_s=DAY, interval_s=3600)
+    assert collect_if_due(store, policy, "replica-1") is not None
+    assert collect_if_due(store, policy, "replica-2") is None  # within the interval
+    assert collect_if_due(store, RetentionSettings(), "replica-3") is None  # nothing to expire
+    assert collect_if_due(store, RetentionSettings(images_s=DAY, collect=False), "replica-3") is None
