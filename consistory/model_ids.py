@@ -42,6 +42,9 @@ def resolve_model(model: str) -> str:
         return model
     path = Path(model).expanduser()
     if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise UsageError(f"{model!r} holds no diffusers SDXL pipeline (no model_index.json); give the directory "
+                             "that save_pretrained wrote, a hub id like org/name, or a preset such as tiny")
         return str(path.resolve())  # recorded in caches: absolute, so `extend` finds it from anywhere
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise UsageError(f"no model directory at {model!r} (and it is not a hub id like org/name)")

@@ -44,14 +44,14 @@ def run_batch(args: argparse.Namespace, on_event: Callable[..., None] | None = N
         build_config(args, model)  # the command line's own settings, checked once for every story
     except InputError as error:
         raise UsageError(str(error)) from None
+    from consistory.cli_models import locate_model, model_dtype, subject_tokenizer
+
+    cache_only = locate_model(model)  # an unreachable hub fails here, in seconds, before Ray starts
     started_ray = connect(args.address)
     try:
         import torch
 
-        from consistory.cli_models import locate_model, model_dtype, subject_tokenizer
-
         device = choose_device(args.device)
-        cache_only = locate_model(model)
         dtype = str(model_dtype(model, torch.device(device))).removeprefix("torch.")
         plans, plan_problems = plan_stories(specs, args, model, dtype, subject_tokenizer(model, cache_only))
         store = destination.open()
@@ -78,12 +78,13 @@ def run_batch(args: argparse.Namespace, on_event: Callable[..., None] | None = N
                 raise OSError(str(error)) from None  # one line, exit 1; the manifest below keeps what was done
             finally:
                 progress.close()
-                manifest.summary = _summary(args, model, device, specs, problems, finished, scheduler, slots, started)
+                manifest.summary = _summary(args, model, device, specs, problems, bad, finished, scheduler, slots,
+                                            started)
                 manifest.write()
                 for slot in slots:
                     ray.kill(slot.handle)
         else:
-            manifest.summary = _summary(args, model, device, specs, problems, finished, None, [], started)
+            manifest.summary = _summary(args, model, device, specs, problems, bad, finished, None, [], started)
             manifest.write()
     finally:
         if started_ray:
@@ -115,7 +116,7 @@ def _start_actors(count, model, device, cache_only, args, destination, started_r
     return [Slot(i, actor.remote(model, device, cache_only, threads, destination)) for i in range(count)]
 
 
-def _summary(args, model, device, specs, problems, finished, scheduler, slots, started) -> dict[str, Any]:
+def _summary(args, model, device, specs, problems, bad, finished, scheduler, slots, started) -> dict[str, Any]:
     now = time.monotonic()
     ready = [s.ready_at for s in slots if s.ready_at is not None]
     generating_s = now - min(ready) if ready else 0.0
@@ -128,10 +129,12 @@ def _summary(args, model, device, specs, problems, finished, scheduler, slots, s
     images = scheduler.images if scheduler else 0
     total = len(specs) + len(problems)
     done = scheduler.done if scheduler else 0
-    failed = total - len(finished) - done
+    failed = bad + (scheduler.failed if scheduler else 0)
     return {
         "model": model, "device": device, "mode": args.mode, "stories": total, "made": done,
-        "already_done": len(finished), "failed": failed, "images": images,
+        "already_done": len(finished), "failed": failed,
+        "not_run": total - len(finished) - done - failed,  # left when every actor died; a rerun makes them
+        "images": images,
         "retries": scheduler.retries if scheduler else 0, "replicas": len(slots),
         "seconds": round(now - started, 2), "generating_s": round(generating_s, 2),
         "images_per_s": round(images / generating_s, 4) if generating_s else 0.0,

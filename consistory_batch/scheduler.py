@@ -12,6 +12,7 @@ object store), then a `finish_story` task writing the grid and story.json.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -74,12 +75,20 @@ class Task:
     avoid: int | None = None  # the actor it last failed on
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt): .+")
+
+
 def one_line(error: BaseException) -> str:
-    """An error as one line: a task's own exception, else the first line Ray gives."""
+    """An error as one line: a task's own exception; for an actor that died of an exception
+    (in its model loading, say) that exception's last line, not Ray's traceback around it."""
     cause = getattr(error, "cause", None)
     if isinstance(error, RayTaskError) and isinstance(cause, BaseException):
         error = cause
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line.strip() for line in _ANSI.sub("", str(error)).splitlines() if line.strip()]
+    raised = [line for line in lines if _RAISED.match(line)]
+    if isinstance(error, RayActorError) and raised:
+        return raised[-1]
     return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
@@ -113,6 +122,9 @@ class Scheduler:
             if not any(slot.alive for slot in self.slots):
                 raise BatchAborted(f"all {len(self.slots)} model actors died (last: {self.last_death}); "
                                    "rerun the same command to resume")
+            if not self.in_flight:  # every task waits for another actor to be free
+                time.sleep(POLL_S)
+                continue
             ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=POLL_S)
             for ref in ready:
                 self._collect(ref)
