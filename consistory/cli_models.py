@@ -23,7 +23,7 @@ from .subject_tokens import find_subject_tokens
 from .tokenizer import build_local_clip_tokenizer
 
 __all__ = ["UsageError", "check_prompts", "load_pipeline", "locate_model", "model_dtype", "open_pipeline",
-           "preset_of", "resolve_device", "resolve_model"]
+           "preset_of", "resolve_device", "resolve_model", "subject_tokenizer"]
 
 
 def _say(message: str) -> None:

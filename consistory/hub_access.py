@@ -11,8 +11,11 @@ from __future__ import annotations
 from .errors import UsageError
 
 PROBE_TIMEOUT_S = 5.0
-OFFLINE_HINT = ("use --model tiny for an offline run, a local directory holding the weights, "
-                "or HF_HUB_OFFLINE=1 with the model in the local Hugging Face cache")
+
+
+def _hint(option: str) -> str:
+    return (f"use {option} tiny for an offline run, a local directory holding the weights, "
+            "or HF_HUB_OFFLINE=1 with the model in the local Hugging Face cache")
 
 
 class ModelUnavailable(Exception):
@@ -41,10 +44,11 @@ def hub_reachable(timeout_s: float = PROBE_TIMEOUT_S) -> bool:
     return True
 
 
-def cache_only(model_id: str, filename: str = "model_index.json") -> bool:
+def cache_only(model_id: str, filename: str = "model_index.json", option: str = "--model") -> bool:
     """For a hub id: False to load it from the hub, True to load it from the local cache only.
 
-    Raises ModelUnavailable when neither can work.
+    Raises ModelUnavailable when neither can work, naming `option` (the command-line option
+    that chose the model) in its advice. `filename` is a file every copy of the model has.
     """
     from huggingface_hub import constants
 
@@ -53,10 +57,10 @@ def cache_only(model_id: str, filename: str = "model_index.json") -> bool:
         if cached:
             return True
         raise ModelUnavailable(f"model {model_id!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
-                               f"and HF_HUB_OFFLINE is set; {OFFLINE_HINT}")
+                               f"and HF_HUB_OFFLINE is set; {_hint(option)}")
     if hub_reachable():
         return False
     if cached:
         return True
     raise ModelUnavailable(f"cannot load model {model_id!r}: the Hugging Face Hub ({constants.ENDPOINT}) could not "
-                           f"be reached and the model is not in the local cache; {OFFLINE_HINT}")
+                           f"be reached and the model is not in the local cache; {_hint(option)}")

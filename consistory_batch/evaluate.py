@@ -77,7 +77,13 @@ def run_eval(args: argparse.Namespace) -> int:
     embedder, metric, note = consistency_embedder(args.consistency, clip, device, args.dreamsim_cache)
 
     def load_image(story_id: str, name: str) -> Image.Image:
-        return Image.open(io.BytesIO(store.get(story_file(story_id, name)))).convert("RGB")
+        from deployments.artifact_store import ArtifactNotFound
+
+        try:
+            return Image.open(io.BytesIO(store.get(story_file(story_id, name)))).convert("RGB")
+        except ArtifactNotFound:
+            raise UsageError(f"{args.dest}: the manifest lists {name} of story {story_id!r}, "
+                             "which is not there") from None
 
     with tqdm(total=sum(len(s["files"]) for s in stories), unit="image", disable=args.no_progress,
               desc="scoring") as bar:
@@ -117,7 +123,7 @@ def _load_clip(name: str, device: torch.device):
         return ClipEmbedder.tiny(device=device)
     if is_local_model(name):
         return ClipEmbedder.load(str(Path(name).expanduser().resolve()), device)
-    return ClipEmbedder.load(name, device, cache_only=cache_only(name, filename="config.json"))
+    return ClipEmbedder.load(name, device, cache_only=cache_only(name, filename="config.json", option="--clip"))
 
 
 def _write(report: dict[str, Any], report_dir: str | None, store, dest: str) -> str:

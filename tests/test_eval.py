@@ -106,3 +106,12 @@ def test_eval_of_a_batch_directory_writes_scores_and_a_scatter_plot(tmp_path, ca
     assert report["clip"] == "tiny" and report["overall"]["images"] == 3
     assert Image.open(tmp_path / "eval" / "scatter.png").size[0] > 0
     assert "subject consistency" in capsys.readouterr().out
+
+
+def test_a_clip_checkpoint_that_cannot_be_had_is_one_line(tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": 1, "stories": [
+        {"id": "a", "status": "done", "files": ["00.png"], "alignment_texts": ["x"]}]}))
+    # The test session runs with HF_HUB_OFFLINE=1 and nothing cached.
+    assert main(["eval", str(tmp_path), "--clip", "someorg/some-clip"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "someorg/some-clip" in err and "--clip tiny" in err
