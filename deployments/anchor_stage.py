@@ -19,6 +19,7 @@ from .cache_transport import put_cache
 from .images import encode_png
 from .messages import AnchorsResult, CacheHandle
 from .models import ModelReplica
+from .progress_stream import with_progress
 from .subjects import SubjectRecord, cache_key, save_record, sha256_of, subject_prefix
 
 
@@ -42,9 +43,17 @@ def record_for(subject_id: str, cache, buffers, owner: Optional[str] = None) -> 
 
 @serve.deployment(name="AnchorStage")
 class AnchorStage(ModelReplica):
+    async def create_stream(self, subject_id: str, prompts: list[str], subjects: list[str], seed: int,
+                            config: dict[str, Any], owner: Optional[str] = None):
+        """`create`, streamed: step progress events, then the AnchorsResult (progress_stream.py)."""
+        async for item in with_progress(
+            lambda on_step: self.create(subject_id, prompts, subjects, seed, config, owner, on_step)
+        ):
+            yield item
+
     async def create(
         self, subject_id: str, prompts: list[str], subjects: list[str], seed: int, config: dict[str, Any],
-        owner: Optional[str] = None,
+        owner: Optional[str] = None, progress=None,
     ) -> AnchorsResult:
         from consistory import ConsiStoryConfig
 
@@ -60,6 +69,7 @@ class AnchorStage(ModelReplica):
             # Off the GPU: the cache is serialized right away, and GPU memory is for the next batch.
             cache_device="cpu",
             cache_codec=self.settings.cache_codec,
+            progress=progress,
         )
         generated = time.perf_counter()
         pngs, handle = await asyncio.to_thread(self._persist, subject_id, out, owner)

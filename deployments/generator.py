@@ -35,6 +35,7 @@ from .images import encode_png
 from .messages import CacheHandle, ImageResult
 from .metrics import count_cache_use, observe_stage, set_cache_bytes
 from .models import ModelReplica
+from .progress_stream import with_progress
 from .subjects import (
     SubjectRecord,
     acquire_rebuild_lease,
@@ -87,7 +88,12 @@ class Generator(ModelReplica):
         self.rebuilds = 0  # caches this replica rebuilt
         self.rebuilt_by_others = 0  # caches it waited for while another replica rebuilt them
 
-    async def generate(self, cache: Optional[CacheHandle], prompt: str, seed: int) -> ImageResult:
+    async def generate_stream(self, cache: Optional[CacheHandle], prompt: str, seed: int):
+        """`generate`, streamed: step progress events, then the ImageResult (progress_stream.py)."""
+        async for item in with_progress(lambda on_step: self.generate(cache, prompt, seed, on_step)):
+            yield item
+
+    async def generate(self, cache: Optional[CacheHandle], prompt: str, seed: int, progress=None) -> ImageResult:
         """One new image of the subject named by the request's multiplexed model id."""
         subject_id = serve.get_multiplexed_model_id()
         if not subject_id:
@@ -106,7 +112,8 @@ class Generator(ModelReplica):
         observe_stage("cache_load", cache_ready - started)
         set_cache_bytes(sum(m.nbytes for m in self._multiplexed_models().values()), self._replica_name)
         pipe = self.runner.pipeline
-        out = await self.runner.run(pipe.generate_from_anchors, loaded.cache, [prompt], [seed], output_type="pil")
+        out = await self.runner.run(pipe.generate_from_anchors, loaded.cache, [prompt], [seed], output_type="pil",
+                                    progress=progress)
         png = await asyncio.to_thread(encode_png, out.images[0])
         observe_stage("generation", time.perf_counter() - cache_ready)
         return ImageResult(

@@ -11,6 +11,7 @@ client that left) leaves nothing behind: its subject is deleted again.
 # No `from __future__ import annotations` here: FastAPI reads the route signatures' types at
 # run time, and Serve's class-based routes cannot resolve postponed (string) annotations.
 import asyncio
+import json
 import os
 import secrets
 import socket
@@ -18,8 +19,8 @@ import threading
 import time
 from typing import Any, Optional
 
-from fastapi import Depends, HTTPException, Query, Request
-from fastapi.responses import FileResponse
+from fastapi import Depends, Header, HTTPException, Query, Request
+from fastapi.responses import FileResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -29,6 +30,20 @@ from .artifact_store import LocalArtifactStore, artifact_store_from_config
 from .checks import check_prompts, check_seeds, check_subject_tokens, check_subjects, first_seed, request_config, unprocessable
 from .images import to_b64
 from .ingress_app import app, edge_limits, logger
+from .job_runner import JobRunner, active_key, image_entry, take_lease
+from .jobs import (
+    FINISHED,
+    JobRecord,
+    UnknownJob,
+    append_event,
+    cancel_requested,
+    events_after,
+    idempotency_key,
+    load_job,
+    new_job_id,
+    request_cancel,
+    save_job,
+)
 from .messages import AnchorsResult, ImageResult
 from .metrics import count_images, observe_stage, observe_time_to_consistent_subject
 from .readiness import Readiness
@@ -41,6 +56,8 @@ from .schemas import (
     ImageOut,
     ImagesRequest,
     ImagesResponse,
+    JobOut,
+    JobRequest,
     ReadyOut,
     StoryRequest,
     SubjectListOut,
@@ -67,6 +84,8 @@ from .subjects import (
 )
 
 ARTIFACTS = "/v1/artifacts"
+JOB_SWEEP_S = 5.0  # how often each replica looks for jobs whose runner died
+EVENT_POLL_S = 0.5  # how often an event stream looks for new events
 SIGNING_KEY = "service/url-signing-key"  # in the local store, readable by this service only
 NO_IMAGE = "no image at this address: it was never made, its subject was deleted, or it has expired"
 
@@ -130,6 +149,10 @@ class Ingress:
         app.state.access.configure(self.settings.auth)
         self._collector = threading.Thread(target=self._collect_forever, name="retention", daemon=True)
         self._collector.start()
+        self._replica = f"{socket.gethostname()}:{os.getpid()}"
+        self._runners: dict[str, JobRunner] = {}
+        # The constructor runs on the replica's event loop: jobs whose runner died are taken over.
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_jobs())
         edge_limits.max_bytes = self.settings.limits.max_body_bytes
         edge_limits.deadline_s = self.settings.request_deadline_s
         edge_limits.retry_after_s = self.settings.retry_after_s
@@ -272,6 +295,66 @@ class Ingress:
         self.refs.drop(subject_id)
         return DeletedOut(subject_id=subject_id, deleted=True)
 
+    # --- jobs: long requests, answered at once ---
+    @app.post("/v1/jobs", response_model=JobOut, response_model_exclude_none=True, status_code=202,
+              responses=documented(401, 404, 409, 413, 422, 429, 503))
+    async def create_job(self, body: JobRequest, caller: Caller = Depends(current_caller),
+                         idempotency: Optional[str] = Header(None, alias="Idempotency-Key", max_length=255)) -> JobOut:
+        """Starts a story, a subject or new images as a job: 202 with its id at once; follow it at
+        `status_url` or stream `events_url`. The same `Idempotency-Key` gives the same job."""
+        given = [name for name in ("story", "subject", "images") if getattr(body, name) is not None]
+        if len(given) != 1:
+            raise unprocessable("give exactly one of story, subject or images (the body of the synchronous "
+                                f"route); got {given or 'none'}")
+        kind = given[0]
+        job = await self._plan_job(kind, getattr(body, kind), caller)
+        marker = idempotency_key(caller.name, idempotency) if idempotency else None
+        if marker and await asyncio.to_thread(self.store.exists, marker):
+            return await self._earlier_job(marker, caller)
+        if job.kind != "images":
+            await self._claim(caller, job.subject_id)
+        if marker and not await asyncio.to_thread(self.store.create_exclusive, marker, job.job_id.encode(), "text/plain"):
+            if job.kind != "images":  # another request with this key won the race
+                await asyncio.to_thread(release_subject, self.store, caller.name, job.subject_id)
+            return await self._earlier_job(marker, caller)
+        await asyncio.to_thread(self._save_new_job, job)
+        if await asyncio.to_thread(take_lease, self.store, job.job_id, self._replica):
+            self._start_job(job)
+        return await self._job_out(job)
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobOut, response_model_exclude_none=True,
+             responses=documented(401, 404, 429, 503))
+    async def get_job(self, job_id: str, caller: Caller = Depends(current_caller)) -> JobOut:
+        """Status and progress (images done of total, the step of each image being made); the
+        result or the error once it has finished."""
+        return await self._job_out(await self._job(job_id, caller))
+
+    @app.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "Server-Sent Events: progress, image, status."},
+                        **documented(401, 404, 429, 503)})
+    async def job_events(self, job_id: str, request: Request, caller: Caller = Depends(current_caller),
+                         last_event_id: Optional[str] = Header(None, alias="Last-Event-ID")) -> StreamingResponse:
+        """The job's events as they happen. Reconnect with `Last-Event-ID` to miss nothing; the
+        stream ends after the final status event."""
+        await self._job(job_id, caller)
+        last = int(last_event_id) if last_event_id and last_event_id.isdigit() else -1
+        return StreamingResponse(self._event_stream(job_id, last, request), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.delete("/v1/jobs/{job_id}", response_model=JobOut, response_model_exclude_none=True, status_code=202,
+                responses=documented(401, 404, 429, 503))
+    async def cancel_job(self, job_id: str, caller: Caller = Depends(current_caller)) -> JobOut:
+        """Cancels the job: work queued or running on the model replicas stops; images already
+        made stay (in `images` of the job's events, and under its subject)."""
+        job = await self._job(job_id, caller)
+        if not job.finished:
+            await asyncio.to_thread(request_cancel, self.store, job_id)
+            runner = self._runners.get(job_id)
+            if runner is not None:
+                runner.cancel_now()
+        return await self._job_out(job)
+
     @app.get(ARTIFACTS + "/{key:path}", response_class=FileResponse,
              responses={200: {"content": {"image/png": {}}, "description": "The image."}, **documented(403, 404)})
     async def artifact(self, key: str, expires: Optional[str] = None, signature: Optional[str] = None) -> FileResponse:
@@ -288,6 +371,140 @@ class Ingress:
         if not path.is_file() or not await asyncio.to_thread(self.store.exists, record_key(key.split("/")[1])):
             raise HTTPException(status_code=404, detail=NO_IMAGE)
         return FileResponse(path, media_type="image/png")
+
+    # --- jobs: steps ---
+    async def _plan_job(self, kind: str, body, caller: Caller) -> JobRecord:
+        """The checks the synchronous route makes, then the job's record (not yet stored)."""
+        now = time.time()
+        common = dict(job_id=new_job_id(), kind=kind, request=body.model_dump(mode="json"), owner=caller.name,
+                      request_id=new_request_id(), created_at=now, updated_at=now)
+        if kind == "images":
+            record = await self._record(body.subject_id, caller)
+            await self._check(body.prompts, record.subjects, subjects_checked=True)
+            check_seeds(body.seeds, body.prompts)
+            return JobRecord(**common, subject_id=body.subject_id, images_total=len(body.prompts))
+        n_anchors = len(body.prompts) if kind == "subject" else (
+            body.n_anchors or min(self.settings.defaults.n_anchors, len(body.prompts)))
+        if n_anchors > len(body.prompts):
+            raise unprocessable(f"n_anchors is {n_anchors} but only {len(body.prompts)} prompts were given; give at "
+                                "least that many prompts or lower n_anchors")
+        await self._check(body.prompts, body.subjects)
+        request_config(body, n_anchors, self.settings)
+        total = n_anchors if kind == "subject" else len(body.prompts)
+        return JobRecord(**common, subject_id=new_subject_id(), n_anchors=n_anchors,
+                         seed=first_seed(body.seed, len(body.prompts)), images_total=total)
+
+    async def _earlier_job(self, marker: str, caller: Caller) -> JobOut:
+        """The job an Idempotency-Key already made (its record may be a moment from stored)."""
+        job_id = (await asyncio.to_thread(self.store.get, marker)).decode()
+        for _ in range(50):
+            try:
+                return await self._job_out(await asyncio.to_thread(load_job, self.store, job_id))
+            except UnknownJob:
+                await asyncio.sleep(0.1)
+        return await self._job_out(await self._job(job_id, caller))
+
+    def _save_new_job(self, job: JobRecord) -> None:
+        append_event(self.store, job, "status", {"status": "queued"})
+        save_job(self.store, job)
+        self.store.put(active_key(job.job_id), b"", "application/octet-stream")
+
+    def _start_job(self, job: JobRecord) -> None:
+        runner = JobRunner(self, job, self._replica)
+        self._runners[job.job_id] = runner
+        task = asyncio.ensure_future(runner.run())
+        task.add_done_callback(lambda _: self._runners.pop(job.job_id, None))
+
+    async def _sweep_jobs(self) -> None:
+        """Takes over jobs whose runner stopped renewing its lease (its replica died)."""
+        while True:
+            await asyncio.sleep(JOB_SWEEP_S)
+            try:
+                active = await asyncio.to_thread(lambda: [a.key.split("/")[1] for a in self.store.list_prefix("active-jobs/")])
+                for job_id in active:
+                    if job_id in self._runners or not await asyncio.to_thread(take_lease, self.store, job_id, self._replica):
+                        continue
+                    job = await asyncio.to_thread(load_job, self.store, job_id)
+                    if job.finished:
+                        await asyncio.to_thread(self.store.delete_prefix, active_key(job_id))
+                        continue
+                    logger.info("taking over job %s (its runner stopped)", job_id)
+                    self._start_job(job)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("job sweep failed; retrying")
+
+    async def _job(self, job_id: str, caller: Caller) -> JobRecord:
+        try:
+            job = await asyncio.to_thread(load_job, self.store, job_id)
+        except UnknownJob as error:
+            raise HTTPException(status_code=404, detail=str(error)) from None
+        if not caller.may_see(job.owner):
+            raise HTTPException(status_code=404, detail=str(UnknownJob(job_id)))
+        return job
+
+    async def _job_out(self, job: JobRecord) -> JobOut:
+        base = f"{(self.settings.public_base_url or '').rstrip('/')}/v1/jobs/{job.job_id}"
+        out = JobOut(
+            job_id=job.job_id, kind=job.kind, status=job.status, subject_id=job.subject_id,
+            created_at=job.created_at, updated_at=job.updated_at,
+            progress={"images_done": job.images_done, "images_total": job.images_total,
+                      "running": [r.model_dump() for r in job.running]},
+            status_url=base, events_url=base + "/events",
+            cancel_requested=(not job.finished) and await asyncio.to_thread(cancel_requested, self.store, job.job_id),
+        )
+        if job.status == "succeeded":
+            fmt = job.request.get("response_format", "url")
+            images = [await self.public_image(e, fmt) for e in sorted(job.images, key=lambda e: e["index"])]
+            out.result = ImagesResponse(subject_id=job.subject_id, images=images, timings={})
+        if job.error is not None:
+            out.error, out.error_status = {"detail": job.error["detail"]}, job.error["status"]
+        return out
+
+    async def _event_stream(self, job_id: str, last: int, request: Request):
+        quiet = 0.0
+        while True:
+            events = await asyncio.to_thread(events_after, self.store, job_id, last)
+            for event in events:
+                last = event["id"]
+                yield f"id: {last}\nevent: {event['event']}\ndata: {json.dumps(event['data'])}\n\n"
+                if event["event"] == "status" and event["data"].get("status") in FINISHED:
+                    return
+            if not events:
+                job = await asyncio.to_thread(load_job, self.store, job_id)
+                if job.finished and last >= job.events - 1:
+                    return
+                quiet += EVENT_POLL_S
+                if quiet >= 15:
+                    quiet = 0.0
+                    yield ": keep-alive\n\n"  # proxies close idle connections
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(EVENT_POLL_S)
+
+    # --- used by job runners ---
+    def job_plan(self, job: JobRecord):
+        body = (StoryRequest if job.kind == "story" else SubjectRequest).model_validate(job.request)
+        return body.prompts, job.n_anchors, job.seed, request_config(body, job.n_anchors, self.settings)
+
+    async def owned_record(self, subject_id: str, owner: Optional[str]) -> SubjectRecord:
+        return await self._record(subject_id, Caller(name=owner, admin=owner is None))
+
+    async def store_job_image(self, job: JobRecord, index: int, prompt: str, seed: int, png: bytes) -> dict:
+        entry = image_entry(job, index, prompt, seed)
+        started = time.perf_counter()
+        await asyncio.to_thread(self.store.put, entry["key"], png, "image/png")
+        observe_stage("store", time.perf_counter() - started)
+        return entry
+
+    async def public_image(self, entry: dict, response_format: str) -> dict:
+        out = {k: entry[k] for k in ("index", "prompt", "seed")}
+        if response_format == "b64_json":
+            out["b64_json"] = to_b64(await asyncio.to_thread(self.store.get, entry["key"]))
+        else:
+            out["url"] = await self._url(entry["key"])
+        return out
 
     # --- steps ---
     async def _check(self, prompts: list[str], subjects: list[str], subjects_checked: bool = False) -> None:

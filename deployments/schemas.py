@@ -110,3 +110,45 @@ class ReadyOut(BaseModel):
     status: str
     model: str
     replicas: dict[str, dict]  # per model deployment: running replicas and Serve's status
+
+
+class ImagesJobRequest(ImagesRequest):
+    subject_id: str = Field(..., description="The subject to make new images of.")
+
+
+class JobRequest(_Body):
+    """Exactly one of: the body of POST /v1/stories, of POST /v1/subjects, or of
+    POST /v1/subjects/{id}/images with the subject's id."""
+
+    story: Optional[StoryRequest] = None
+    subject: Optional[SubjectRequest] = None
+    images: Optional[ImagesJobRequest] = None
+
+
+class RunningImageOut(BaseModel):
+    index: int
+    pass_index: int = Field(..., description="1, or 2 for the pass with feature injection.")
+    step: int = Field(..., description="The step just finished, 0-based.")
+    steps: int
+
+
+class JobProgress(BaseModel):
+    images_done: int
+    images_total: int
+    running: list[RunningImageOut]
+
+
+class JobOut(BaseModel):
+    job_id: str
+    kind: Literal["story", "subject", "images"]
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    subject_id: Optional[str] = None
+    created_at: float
+    updated_at: float
+    progress: JobProgress
+    status_url: str
+    events_url: str
+    cancel_requested: bool = False
+    result: Optional[ImagesResponse] = Field(None, description="When succeeded: as the synchronous route answers.")
+    error: Optional[ErrorOut] = Field(None, description="When failed: what the synchronous route would have answered.")
+    error_status: Optional[int] = None

@@ -1,0 +1,200 @@
+"""Jobs on a real local Ray Serve app over HTTP (tiny preset): 202 at once, progress step by step,
+Server-Sent Events that resume from Last-Event-ID, cancellation that stops the model replicas,
+Idempotency-Key, ownership, and a job that outlives the Ingress replica running it."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from service_helpers import (
+    REQUEST_TIMEOUT_S,
+    assert_same_pixels,
+    blank_store_env,
+    free_port,
+    http,
+    image_pixels,
+    kill_replicas,
+    ok_json,
+    replica_actor_names,
+    tiny_service_args,
+    wait_replaced,
+)
+
+from consistory import ConsiStoryConfig, ConsiStoryPipeline
+from deployments.api_keys import hash_token, new_token
+
+APP = "consistory"
+TOKENS = {name: new_token() for name in ("alice", "bob")}
+STEPS, SIZE = 6, 64
+STORY = {"prompts": ["a photo of a cat in the park", "a photo of a cat on the beach", "a cat in the snow",
+                     "a cat on a sofa"], "subjects": ["cat"], "seed": 11, "steps": STEPS, "height": SIZE, "width": SIZE}
+LONG = {"prompts": [f"a cat number {i}" for i in range(6)], "subjects": ["cat"], "steps": 50, "height": 256, "width": 256}
+
+
+@pytest.fixture(scope="module")
+def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("artifacts")
+
+
+@pytest.fixture(scope="module")
+def service(store_root: Path):
+    import ray
+    from ray import serve
+
+    from deployments.local import start_local
+
+    keys = [{"name": name, "sha256": hash_token(token)} for name, token in TOKENS.items()]
+    args = tiny_service_args({"kind": "local", "root": str(store_root)}, generators=1,
+                             auth={"enabled": True, "keys": keys},
+                             limits={"max_prompts": 6, "max_height": 256, "max_width": 256, "max_steps": 50})
+    try:
+        yield start_local(args, port=free_port(), num_cpus=2, env_vars=blank_store_env())
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def library() -> ConsiStoryPipeline:
+    pipe = ConsiStoryPipeline.from_preset("tiny", seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def as_key(name: str) -> requests.Session:
+    session = http()
+    session.headers["Authorization"] = f"Bearer {TOKENS[name]}"
+    return session
+
+
+def start(service: str, body: dict, name: str = "alice", **headers: str) -> dict:
+    started = time.monotonic()
+    response = as_key(name).post(f"{service}/v1/jobs", json=body, headers=headers, timeout=30)
+    assert response.status_code == 202, response.text
+    assert time.monotonic() - started < 10, "a job is answered at once, before its work"
+    return response.json()
+
+
+def wait_finished(job: dict, name: str = "alice", timeout_s: float = 300) -> dict:
+    deadline = time.monotonic() + timeout_s
+    session = as_key(name)
+    while time.monotonic() < deadline:
+        state = ok_json(session.get(job["status_url"], timeout=30))
+        if state["status"] in ("succeeded", "failed", "cancelled"):
+            return state
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job['job_id']} did not finish in {timeout_s} s")
+
+
+def read_events(url: str, name: str = "alice", last_event_id: str | None = None, stop_after: int | None = None):
+    headers = {"Last-Event-ID": last_event_id} if last_event_id is not None else {}
+    events, current = [], {}
+    with as_key(name).get(url, headers=headers, stream=True, timeout=REQUEST_TIMEOUT_S) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines(decode_unicode=True):
+            if line == "":
+                if "event" in current:
+                    events.append({"id": int(current["id"]), "event": current["event"], "data": json.loads(current["data"])})
+                    if stop_after is not None and len(events) >= stop_after:
+                        return events
+                current = {}
+            elif not line.startswith(":"):
+                field, _, value = line.partition(": ")
+                current[field] = value
+    return events
+
+
+def test_a_story_job_streams_progress_and_gives_the_librarys_images(service, library):
+    job = start(service, {"story": STORY})
+    assert job["status"] in ("queued", "running") and job["progress"]["images_total"] == 4
+    events = read_events(job["events_url"])
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "status" and events[-1] == {"id": events[-1]["id"], "event": "status",
+                                                   "data": {"status": "succeeded"}}
+    assert [e["id"] for e in events] == list(range(len(events)))
+    steps = [r for e in events if e["event"] == "progress" for r in e["data"]["running"]]
+    assert steps and all(0 <= r["step"] < STEPS and r["steps"] == STEPS for r in steps)
+    assert sorted(e["data"]["index"] for e in events if e["event"] == "image") == [0, 1, 2, 3]
+
+    state = wait_finished(job)
+    assert state["status"] == "succeeded" and state["progress"]["images_done"] == 4
+    config = ConsiStoryConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE)
+    expected = library.generate_story(STORY["prompts"], STORY["subjects"], seed=STORY["seed"], config=config)
+    session = as_key("alice")
+    for image in state["result"]["images"]:
+        assert_same_pixels(image_pixels(session, image), expected.images[image["index"]])
+
+    # A client that reconnects with Last-Event-ID gets exactly what it missed.
+    again = read_events(job["events_url"], last_event_id=str(events[2]["id"]))
+    assert again == events[3:]
+
+
+def test_a_subject_job_then_an_images_job(service):
+    made = wait_finished(start(service, {"subject": {k: STORY[k] for k in ("subjects", "seed", "steps", "height", "width")}
+                                         | {"prompts": STORY["prompts"][:2]}}))
+    assert made["status"] == "succeeded" and len(made["result"]["images"]) == 2
+    more = wait_finished(start(service, {"images": {"subject_id": made["subject_id"], "prompts": ["a cat in a hat"]}}))
+    assert more["status"] == "succeeded" and more["result"]["images"][0]["index"] == 0
+
+
+def test_bad_jobs_are_refused_before_any_work(service):
+    alice = as_key("alice")
+    for body, words in [({}, "exactly one"), ({"story": STORY, "subject": STORY}, "exactly one"),
+                        ({"story": {**STORY, "prompts": ["a dog"]}}, "none of the subjects"),
+                        ({"images": {"subject_id": "0" * 32, "prompts": ["a cat"]}}, "no subject")]:
+        response = alice.post(f"{service}/v1/jobs", json=body, timeout=30)
+        assert response.status_code in (404, 422) and words in response.json()["detail"], response.text
+
+
+def test_the_same_idempotency_key_gives_the_same_job(service):
+    first = start(service, {"story": STORY}, **{"Idempotency-Key": "order-17"})
+    second = start(service, {"story": STORY}, **{"Idempotency-Key": "order-17"})
+    other = start(service, {"story": STORY}, **{"Idempotency-Key": "order-18"})
+    assert first["job_id"] == second["job_id"] != other["job_id"]
+    for job in (first, other):
+        assert wait_finished(job)["status"] == "succeeded"
+
+
+def test_a_job_belongs_to_its_key(service):
+    job = start(service, {"story": STORY})
+    bob = as_key("bob")
+    for response in (bob.get(job["status_url"], timeout=30), bob.get(job["events_url"], timeout=30),
+                     bob.delete(job["status_url"], timeout=30)):
+        assert response.status_code == 404
+    assert http().get(job["status_url"], timeout=30).status_code == 401
+    assert wait_finished(job)["status"] == "succeeded"
+
+
+def test_cancelling_stops_the_work_and_keeps_finished_images(service):
+    job = start(service, {"story": LONG})
+    read_events(job["events_url"], stop_after=2)  # running, and a first step
+    cancelled_at = time.monotonic()
+    answer = as_key("alice").delete(job["status_url"], timeout=30)
+    assert answer.status_code == 202 and answer.json()["cancel_requested"] in (True, False)
+    state = wait_finished(job, timeout_s=120)
+    assert state["status"] == "cancelled" and state["progress"]["running"] == []
+    assert state["progress"]["images_done"] < len(LONG["prompts"])
+    # The model replicas stopped: a small job is served soon after, not after 6 x 50 steps.
+    quick = wait_finished(start(service, {"story": STORY}), timeout_s=120)
+    assert quick["status"] == "succeeded" and time.monotonic() - cancelled_at < 90
+
+
+def test_a_job_outlives_the_ingress_replica_running_it(service, library):
+    story = {**STORY, "seed": 23, "steps": 30, "height": 128, "width": 128}
+    job = start(service, {"story": story})
+    read_events(job["events_url"], stop_after=2)  # it is running
+    dead = set(replica_actor_names(APP, "Ingress"))
+    kill_replicas(APP, "Ingress")
+    wait_replaced(APP, "Ingress", dead, service)
+    state = wait_finished(job, timeout_s=240)  # taken over once the dead runner's lease expires
+    assert state["status"] == "succeeded"
+    statuses = [e["data"]["status"] for e in read_events(job["events_url"]) if e["event"] == "status"]
+    assert statuses.count("running") == 2, statuses  # started, then taken over
+    config = ConsiStoryConfig(num_inference_steps=30, height=128, width=128)
+    expected = library.generate_story(story["prompts"], story["subjects"], seed=23, config=config)
+    for image in state["result"]["images"]:
+        assert_same_pixels(image_pixels(as_key("alice"), image), expected.images[image["index"]])
