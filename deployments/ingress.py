@@ -45,7 +45,7 @@ from .jobs import (
     save_job,
 )
 from .messages import AnchorsResult, ImageResult
-from .metrics import count_images, observe_stage, observe_time_to_consistent_subject
+from .metrics import count_images, count_job, observe_stage, observe_time_to_consistent_subject
 from .readiness import Readiness
 from .remote import CacheRefs, call, gather_in_order
 from .responses import documented
@@ -405,6 +405,7 @@ class Ingress:
         return await self._job_out(await self._job(job_id, caller))
 
     def _save_new_job(self, job: JobRecord) -> None:
+        count_job("queued")
         append_event(self.store, job, "status", {"status": "queued"})
         save_job(self.store, job)
         self.store.put(active_key(job.job_id), b"", "application/octet-stream")

@@ -27,7 +27,7 @@ from .jobs import (
     save_job,
 )
 from .messages import AnchorsResult, ImageResult
-from .metrics import count_images, observe_time_to_consistent_subject
+from .metrics import count_images, count_job, observe_time_to_consistent_subject
 from .remote import call
 from .subjects import acquire_lease, image_key, record_key, release_subject
 
@@ -59,6 +59,8 @@ class JobRunner:
 
     # --- persistence ---
     async def _persist(self, event: Optional[tuple[str, dict[str, Any]]] = None) -> None:
+        if event is not None and event[0] == "status":
+            count_job(event[1]["status"])
         async with self._writes:
             if event is not None:
                 seq = self.job.events

@@ -10,6 +10,9 @@ node's `metrics_export_port`; Prometheus prefixes every name with `ray_`).
   consistory_cache_uses_total{source}                  where a Generator's cache came from: replica,
                                                        object_store, artifact_store, rebuilt
   consistory_cache_resident_bytes{replica}             anchor-cache bytes a Generator replica holds
+  consistory_jobs_total{status}                        jobs by the state they reached: queued (made),
+                                                       running (started or taken over), succeeded,
+                                                       failed, cancelled
 
 Queue depth and ongoing requests per deployment are Ray Serve's own
 (`ray_serve_deployment_queued_queries`, `ray_serve_replica_processing_queries`).
@@ -48,6 +51,7 @@ def _metrics() -> Optional[dict]:
                                boundaries=LATENCY_BOUNDARIES, tag_keys=("stage",)),
             "cache_uses": Counter("consistory_cache_uses", "Where a Generator's anchor cache came from",
                                   tag_keys=("source",)),
+            "jobs": Counter("consistory_jobs", "Jobs by the state they reached", tag_keys=("status",)),
             "cache_bytes": Gauge("consistory_cache_resident_bytes", "Anchor-cache bytes a Generator replica holds",
                                  tag_keys=("replica",)),
         }
@@ -79,6 +83,11 @@ def observe_stage(stage: str, seconds: float) -> None:
 def count_cache_use(source: str) -> None:
     if (m := _metrics()) is not None:
         m["cache_uses"].inc(1, tags={"source": source})
+
+
+def count_job(status: str) -> None:
+    if (m := _metrics()) is not None:
+        m["jobs"].inc(1, tags={"status": status})
 
 
 def set_cache_bytes(nbytes: int, replica: str) -> None:

@@ -78,3 +78,21 @@ def test_one_collector_per_interval_and_none_when_off(store: ArtifactStore) -> N
     assert collect_if_due(store, policy, "replica-2") is None  # within the interval
     assert collect_if_due(store, RetentionSettings(), "replica-3") is None  # nothing to expire
     assert collect_if_due(store, RetentionSettings(images_s=DAY, collect=False), "replica-3") is None
+
+
+def test_finished_jobs_go_after_their_age_and_running_ones_stay(store: ArtifactStore) -> None:
+    from deployments.jobs import JobRecord, job_key, new_job_id, save_job
+
+    def job(status: str) -> str:
+        now = time.time()
+        record = JobRecord(job_id=new_job_id(), kind="story", request={}, request_id=new_request_id(),
+                           created_at=now, updated_at=now, images_total=1, status=status)
+        save_job(store, record)
+        store.put(f"jobs/{record.job_id}/events/00000000.json", b"{}", "application/json")
+        return record.job_id
+
+    finished, running = job("succeeded"), job("running")
+    assert collect(store, RetentionSettings(jobs_s=DAY), now=time.time() + DAY / 2).jobs == 0
+    done = collect(store, RetentionSettings(jobs_s=DAY), now=time.time() + 2 * DAY)
+    assert done.jobs == 1 and list(store.list_prefix(f"jobs/{finished}/")) == []
+    assert store.exists(job_key(running))
