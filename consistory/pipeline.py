@@ -304,6 +304,8 @@ class ConsiStoryPipeline:
                 bar.set_description(f"pass {shown_pass} of {passes}")
                 bar.update(step)
             bar.update()
+            if step == steps - 1:
+                bar.refresh()  # a pass's last step is shown even when it came within tqdm's redraw interval
             if callback is not None:
                 callback(StepProgress(state.pass_index, step, steps, done, total))
 

@@ -237,7 +237,7 @@ class Ingress:
         return ImagesResponse(subject_id=subject_id, images=images, timings=timings)
 
     @app.get("/v1/subjects", response_model=SubjectListOut, response_model_exclude_none=True,
-             responses=documented(401, 429, 503))
+             responses=documented(401, 422, 429, 503))
     async def list_subjects(self, limit: int = Query(100, ge=1, le=1000), after: Optional[str] = None,
                             caller: Caller = Depends(current_caller)) -> SubjectListOut:
         """The caller's subjects (every subject for an admin key, or with auth off), by id."""
@@ -249,7 +249,7 @@ class Ingress:
         page = ids[:limit]
         return SubjectListOut(subject_ids=page, next_after=page[-1] if len(ids) > limit else None)
 
-    @app.get("/v1/subjects/{subject_id}", response_model=SubjectOut, responses=documented(401, 404, 429, 503))
+    @app.get("/v1/subjects/{subject_id}", response_model=SubjectOut, responses=documented(401, 404, 422, 429, 503))
     async def get_subject(self, subject_id: str, caller: Caller = Depends(current_caller)) -> SubjectRecord:
         return await self._record(subject_id, caller)
 
@@ -283,7 +283,7 @@ class Ingress:
         return ImagesResponse(subject_id=subject_id, images=images,
                               timings={"images_s": done - checked, "total_s": done - started})
 
-    @app.delete("/v1/subjects/{subject_id}", response_model=DeletedOut, responses=documented(401, 404, 429, 503))
+    @app.delete("/v1/subjects/{subject_id}", response_model=DeletedOut, responses=documented(401, 404, 422, 429, 503))
     async def delete_subject(self, subject_id: str, caller: Caller = Depends(current_caller)) -> DeletedOut:
         """Forget the subject: its record, cache and images. Generators drop their copies as
         their LRUs turn over; nothing can reach them by this id any more."""
@@ -323,7 +323,7 @@ class Ingress:
         return await self._job_out(job)
 
     @app.get("/v1/jobs/{job_id}", response_model=JobOut, response_model_exclude_none=True,
-             responses=documented(401, 404, 429, 503))
+             responses=documented(401, 404, 422, 429, 503))
     async def get_job(self, job_id: str, caller: Caller = Depends(current_caller)) -> JobOut:
         """Status and progress (images done of total, the step of each image being made); the
         result or the error once it has finished."""
@@ -332,7 +332,7 @@ class Ingress:
     @app.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse,
              responses={200: {"content": {"text/event-stream": {}},
                               "description": "Server-Sent Events: progress, image, status."},
-                        **documented(401, 404, 429, 503)})
+                        **documented(401, 404, 422, 429, 503)})
     async def job_events(self, job_id: str, request: Request, caller: Caller = Depends(current_caller),
                          last_event_id: Optional[str] = Header(None, alias="Last-Event-ID")) -> StreamingResponse:
         """The job's events as they happen. Reconnect with `Last-Event-ID` to miss nothing; the
@@ -343,7 +343,7 @@ class Ingress:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.delete("/v1/jobs/{job_id}", response_model=JobOut, response_model_exclude_none=True, status_code=202,
-                responses=documented(401, 404, 429, 503))
+                responses=documented(401, 404, 422, 429, 503))
     async def cancel_job(self, job_id: str, caller: Caller = Depends(current_caller)) -> JobOut:
         """Cancels the job: work queued or running on the model replicas stops; images already
         made stay (in `images` of the job's events, and under its subject)."""
@@ -356,7 +356,7 @@ class Ingress:
         return await self._job_out(job)
 
     @app.get(ARTIFACTS + "/{key:path}", response_class=FileResponse,
-             responses={200: {"content": {"image/png": {}}, "description": "The image."}, **documented(403, 404)})
+             responses={200: {"content": {"image/png": {}}, "description": "The image."}, **documented(403, 404, 422)})
     async def artifact(self, key: str, expires: Optional[str] = None, signature: Optional[str] = None) -> FileResponse:
         """Images of the local artifact store, at the signed URLs it hands out."""
         if not is_image_key(key) or not isinstance(self.store, LocalArtifactStore):

@@ -19,7 +19,7 @@ ERRORS: dict[int, dict[str, Any]] = {
         "headers": {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
     },
     403: {"description": "The image URL's signature is wrong or has expired; ask for the image again."},
-    404: {"description": "No such subject or image: never made, deleted, or past its retention."},
+    404: {"description": "No such subject, job or image (never made, deleted, past its retention, or another key's)."},
     409: {"description": "The subject was made with another model than the one this service runs."},
     413: {"description": "The request body is larger than the service accepts."},
     422: {"description": "The request is invalid; `detail` names the field and how to fix it."},

@@ -124,7 +124,8 @@ def test_prompt_without_the_subject_is_a_one_line_error(tmp_path, capsys):
     [
         (["extend", "no/such/dog.cache", "--prompt", "a dog"], "no/such/dog.cache"),
         (["generate", "--subject", "dog", "--prompt", "a dog", "--height", "65"], "height must be a multiple of 8"),
-        (["generate", "--subject", "dog", "--prompt", "a dog", "--model", "./no/such/model"], "./no/such/model"),
+        (["generate", "--subject", "dog", "--prompt", "a dog", "--prompt", "a dog running", "--model", "./no/such/model"],
+         "./no/such/model"),
         (["generate", "--prompt", "a dog"], "--subject"),
     ],
 )
