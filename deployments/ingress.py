@@ -147,9 +147,9 @@ class Ingress:
         self._signing_key = key.encode() if key else self._shared_signing_key()
         app.state.access = Access()
         app.state.access.configure(self.settings.auth)
+        self._replica = f"{socket.gethostname()}:{os.getpid()}"
         self._collector = threading.Thread(target=self._collect_forever, name="retention", daemon=True)
         self._collector.start()
-        self._replica = f"{socket.gethostname()}:{os.getpid()}"
         self._runners: dict[str, JobRunner] = {}
         # The constructor runs on the replica's event loop: jobs whose runner died are taken over.
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_jobs())
@@ -176,12 +176,7 @@ class Ingress:
                            caller: Caller = Depends(current_caller)) -> ImagesResponse:
         """The whole story: anchors first, the other prompts fanned out; images in prompt order."""
         started = time.perf_counter()
-        n_anchors = body.n_anchors or min(self.settings.defaults.n_anchors, len(body.prompts))
-        if n_anchors > len(body.prompts):
-            raise unprocessable(
-                f"n_anchors is {n_anchors} but only {len(body.prompts)} prompts were given; the first n_anchors "
-                "prompts are the anchors, so give at least that many prompts or lower n_anchors"
-            )
+        n_anchors = self._story_anchors(body)
         await self._check(body.prompts, body.subjects)
         config = request_config(body, n_anchors, self.settings)
         seed = first_seed(body.seed, len(body.prompts))
@@ -383,11 +378,7 @@ class Ingress:
             await self._check(body.prompts, record.subjects, subjects_checked=True)
             check_seeds(body.seeds, body.prompts)
             return JobRecord(**common, subject_id=body.subject_id, images_total=len(body.prompts))
-        n_anchors = len(body.prompts) if kind == "subject" else (
-            body.n_anchors or min(self.settings.defaults.n_anchors, len(body.prompts)))
-        if n_anchors > len(body.prompts):
-            raise unprocessable(f"n_anchors is {n_anchors} but only {len(body.prompts)} prompts were given; give at "
-                                "least that many prompts or lower n_anchors")
+        n_anchors = len(body.prompts) if kind == "subject" else self._story_anchors(body)
         await self._check(body.prompts, body.subjects)
         request_config(body, n_anchors, self.settings)
         total = n_anchors if kind == "subject" else len(body.prompts)
@@ -494,9 +485,7 @@ class Ingress:
 
     async def store_job_image(self, job: JobRecord, index: int, prompt: str, seed: int, png: bytes) -> dict:
         entry = image_entry(job, index, prompt, seed)
-        started = time.perf_counter()
-        await asyncio.to_thread(self.store.put, entry["key"], png, "image/png")
-        observe_stage("store", time.perf_counter() - started)
+        await self._put_image(entry["key"], png)
         return entry
 
     async def public_image(self, entry: dict, response_format: str) -> dict:
@@ -508,6 +497,15 @@ class Ingress:
         return out
 
     # --- steps ---
+    def _story_anchors(self, body: StoryRequest) -> int:
+        n_anchors = body.n_anchors or min(self.settings.defaults.n_anchors, len(body.prompts))
+        if n_anchors > len(body.prompts):
+            raise unprocessable(
+                f"n_anchors is {n_anchors} but only {len(body.prompts)} prompts were given; the first n_anchors "
+                "prompts are the anchors, so give at least that many prompts or lower n_anchors"
+            )
+        return n_anchors
+
     async def _check(self, prompts: list[str], subjects: list[str], subjects_checked: bool = False) -> None:
         """Every check that needs no model, off the event loop: limits, text, subject words, and
         the library's own token match with the model's tokenizer."""
@@ -588,21 +586,23 @@ class Ingress:
     async def _store_image(self, subject_id: str, request_id: str, index: int, prompt: str, seed: int,
                            png: bytes, response_format: str) -> ImageOut:
         key = image_key(subject_id, request_id, index)
-        started = time.perf_counter()
-        await asyncio.to_thread(self.store.put, key, png, "image/png")
-        observe_stage("store", time.perf_counter() - started)
+        await self._put_image(key, png)
         if response_format == "b64_json":
             return ImageOut(index=index, prompt=prompt, seed=seed, b64_json=to_b64(png))
         return ImageOut(index=index, prompt=prompt, seed=seed, url=await self._url(key))
+
+    async def _put_image(self, key: str, png: bytes) -> None:
+        started = time.perf_counter()
+        await asyncio.to_thread(self.store.put, key, png, "image/png")
+        observe_stage("store", time.perf_counter() - started)
 
     def _collect_forever(self) -> None:
         """Retention, in the background: each replica looks every few minutes, and the one that
         gets the store's lease collects (at most once per `retention.interval_s`)."""
         policy = self.settings.retention
-        me = f"{socket.gethostname()}:{os.getpid()}"
         while True:
             try:
-                collect_if_due(self.store, policy, me)
+                collect_if_due(self.store, policy, self._replica)
             except Exception:
                 logger.exception("retention collector failed; retrying at the next interval")
             time.sleep(min(policy.interval_s, 300.0))

@@ -21,8 +21,8 @@ from fastapi import HTTPException
 from .jobs import (
     JobRecord,
     RunningImage,
+    append_event,
     cancel_requested,
-    event_key,
     runner_lease_key,
     save_job,
 )
@@ -62,12 +62,11 @@ class JobRunner:
         if event is not None and event[0] == "status":
             count_job(event[1]["status"])
         async with self._writes:
+            snapshot = self.job.model_copy(deep=True)
             if event is not None:
-                seq = self.job.events
-                body = json.dumps({"id": seq, "event": event[0], "data": event[1]}).encode()
-                await asyncio.to_thread(self.store.put, event_key(self.job.job_id, seq), body, "application/json")
-                self.job.events = seq + 1
-            await asyncio.to_thread(save_job, self.store, self.job.model_copy(deep=True))
+                await asyncio.to_thread(append_event, self.store, snapshot, *event)
+                self.job.events = snapshot.events
+            await asyncio.to_thread(save_job, self.store, snapshot)
 
     def _progress_event(self) -> dict[str, Any]:
         return {"images_done": self.job.images_done, "images_total": self.job.images_total,

@@ -159,3 +159,16 @@ def aws_dummy_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
     for name, value in DUMMY_AWS_ENV.items():
         monkeypatch.setenv(name, value)
+
+
+@pytest.fixture(params=["local", "s3"])
+def each_store(request: pytest.FixtureRequest, tmp_path: Path):
+    """The artifact store, once as a local directory and once on the moto server (its own
+    prefix per test, so tests sharing the bucket stay independent)."""
+    from deployments.artifact_store import LocalArtifactStore, S3ArtifactStore
+
+    if request.param == "local":
+        return LocalArtifactStore(tmp_path / "artifacts")
+    request.getfixturevalue("aws_dummy_credentials")
+    return S3ArtifactStore(request.getfixturevalue("s3_bucket"), prefix=f"t-{uuid.uuid4().hex[:8]}/",
+                           endpoint_url=request.getfixturevalue("s3_endpoint"))

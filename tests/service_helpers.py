@@ -3,10 +3,11 @@ talks to it as any client would, and handles on its Ray replicas for failure inj
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import requests
@@ -46,6 +47,21 @@ def tiny_service_args(store: dict[str, Any], generators: int = 2, **overrides: A
     }
     args.update(overrides)
     return args
+
+
+@contextlib.contextmanager
+def local_service(args: dict[str, Any], **options: Any) -> Iterator[str]:
+    """A local Ray + Serve app on a free loopback port (its base URL), shut down afterwards."""
+    import ray
+    from ray import serve
+
+    from deployments.local import start_local
+
+    try:
+        yield start_local(args, port=free_port(), num_cpus=2, env_vars=blank_store_env(), **options)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def blank_store_env() -> dict[str, str]:

@@ -7,12 +7,10 @@ import concurrent.futures
 import json
 import threading
 import time
-import uuid
-from pathlib import Path
 
 import pytest
 
-from deployments.artifact_store import ArtifactStore, LocalArtifactStore, S3ArtifactStore
+from deployments.artifact_store import ArtifactStore
 from deployments.subjects import (
     acquire_rebuild_lease,
     lease_key,
@@ -20,18 +18,14 @@ from deployments.subjects import (
     rebuild_lease_held,
     release_rebuild_lease,
 )
-from s3_server import aws_dummy_credentials, s3_bucket, s3_endpoint  # noqa: F401
+from s3_server import aws_dummy_credentials, each_store, s3_bucket, s3_endpoint  # noqa: F401
 
 CONTENDERS = 8
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> ArtifactStore:
-    if request.param == "local":
-        return LocalArtifactStore(tmp_path / "artifacts")
-    request.getfixturevalue("aws_dummy_credentials")
-    return S3ArtifactStore(request.getfixturevalue("s3_bucket"), prefix=f"t-{uuid.uuid4().hex[:8]}/",
-                           endpoint_url=request.getfixturevalue("s3_endpoint"))
+@pytest.fixture
+def store(each_store: ArtifactStore) -> ArtifactStore:
+    return each_store
 
 
 def _all_at_once(count: int, work):

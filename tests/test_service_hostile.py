@@ -23,10 +23,9 @@ from service_helpers import (
     SIZE,
     STEPS,
     assert_same_pixels,
-    blank_store_env,
-    free_port,
     http,
     image_pixels,
+    local_service,
     kill_replicas,
     ok_json,
     post,
@@ -35,7 +34,7 @@ from service_helpers import (
     wait_replaced,
 )
 
-from consistory import ConsiStoryConfig, ConsiStoryPipeline
+from consistory import ConsiStoryConfig
 from deployments.signed_urls import signature, signed_url
 
 APP = "consistory"
@@ -53,11 +52,6 @@ def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def service(store_root: Path):
-    import ray
-    from ray import serve
-
-    from deployments.local import start_local
-
     args = tiny_service_args(
         {"kind": "local", "root": str(store_root)},
         request_deadline_s=DEADLINE_S,
@@ -65,18 +59,13 @@ def service(store_root: Path):
         # Room for a request that outlasts the deadline: 256 px, 50 steps.
         limits={"max_prompts": 6, "max_height": 256, "max_width": 256, "max_steps": 50},
     )
-    try:
-        yield start_local(args, port=free_port(), num_cpus=2, env_vars=blank_store_env())
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with local_service(args) as base_url:
+        yield base_url
 
 
 @pytest.fixture(scope="module")
-def library() -> ConsiStoryPipeline:
-    pipe = ConsiStoryPipeline.from_preset("tiny", seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def library(tiny_pipe):
+    return tiny_pipe
 
 
 @pytest.fixture

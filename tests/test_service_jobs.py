@@ -13,10 +13,9 @@ import requests
 from service_helpers import (
     REQUEST_TIMEOUT_S,
     assert_same_pixels,
-    blank_store_env,
-    free_port,
     http,
     image_pixels,
+    local_service,
     kill_replicas,
     ok_json,
     replica_actor_names,
@@ -24,7 +23,7 @@ from service_helpers import (
     wait_replaced,
 )
 
-from consistory import ConsiStoryConfig, ConsiStoryPipeline
+from consistory import ConsiStoryConfig
 from deployments.api_keys import hash_token, new_token
 
 APP = "consistory"
@@ -42,27 +41,17 @@ def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def service(store_root: Path):
-    import ray
-    from ray import serve
-
-    from deployments.local import start_local
-
     keys = [{"name": name, "sha256": hash_token(token)} for name, token in TOKENS.items()]
     args = tiny_service_args({"kind": "local", "root": str(store_root)}, generators=1,
                              auth={"enabled": True, "keys": keys},
                              limits={"max_prompts": 6, "max_height": 256, "max_width": 256, "max_steps": 50})
-    try:
-        yield start_local(args, port=free_port(), num_cpus=2, env_vars=blank_store_env())
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with local_service(args) as base_url:
+        yield base_url
 
 
 @pytest.fixture(scope="module")
-def library() -> ConsiStoryPipeline:
-    pipe = ConsiStoryPipeline.from_preset("tiny", seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def library(tiny_pipe):
+    return tiny_pipe
 
 
 def as_key(name: str) -> requests.Session:

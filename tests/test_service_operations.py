@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from service_helpers import REQUEST_TIMEOUT_S, blank_store_env, free_port, http, ok_json, tiny_service_args
+from service_helpers import REQUEST_TIMEOUT_S, free_port, http, local_service, ok_json, tiny_service_args
 
 from deployments.api_keys import hash_token, new_token
 
@@ -32,23 +32,14 @@ def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def service(store_root: Path, tmp_path_factory: pytest.TempPathFactory):
-    import ray
-    from ray import serve
-
-    from deployments.local import start_local
-
     # bob's key comes from a keys file (a mounted Secret in a cluster), the others from the config.
     keys_file = tmp_path_factory.mktemp("secret") / "keys.yaml"
     keys_file.write_text("- " + str(KEYS[1]).replace("'", '"') + "\n")
     args = tiny_service_args({"kind": "local", "root": str(store_root)}, generators=1,
                              auth={"enabled": True, "keys": [KEYS[0], KEYS[2], KEYS[3]], "keys_file": str(keys_file)},
                              log_encoding="JSON")
-    try:
-        yield start_local(args, port=free_port(), num_cpus=2, env_vars=blank_store_env(),
-                          metrics_export_port=METRICS_PORT)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with local_service(args, metrics_export_port=METRICS_PORT) as base_url:
+        yield base_url
 
 
 def as_key(name: str) -> requests.Session:
