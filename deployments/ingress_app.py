@@ -5,11 +5,13 @@
   problems in one sentence per field (422), the artifact store's failures as 503 with
   Retry-After and a generic detail, anything unexpected as 500 with the request id only;
 - `/docs` is Swagger UI served from this package (`static/swagger-ui`), so it works on clusters
-  with no way out to a CDN.
+  with no way out to a CDN;
+- `/` is the storyboard page (`static/storyboard`): plain files that call the public v1 API.
 """
 
 from __future__ import annotations
 
+import html
 import logging
 from pathlib import Path
 
@@ -54,6 +56,17 @@ async def docs(request: Request) -> HTMLResponse:
         swagger_favicon_url=f"{root}/static/swagger-ui/favicon-32x32.png",
         oauth2_redirect_url=None,
     )
+
+
+@app.get("/", include_in_schema=False)
+async def storyboard(request: Request) -> HTMLResponse:
+    """The page, with its base URL (so its relative paths work under any route prefix) and
+    whether it must ask for an API key before its first call (a 401 there would be a console
+    error on every visit)."""
+    root = request.scope.get("root_path", "").rstrip("/")
+    page = (STATIC / "storyboard" / "index.html").read_text(encoding="utf-8")
+    auth = "required" if request.app.state.access.enabled else "off"
+    return HTMLResponse(page.replace("{{base}}", html.escape(root + "/")).replace("{{auth}}", auth))
 
 
 @app.exception_handler(RequestValidationError)
