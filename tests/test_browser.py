@@ -153,6 +153,16 @@ def test_a_storyboard_from_subject_to_deletion(service, browser, tmp_path):
     served = [http().get(url, timeout=REQUEST_TIMEOUT_S).content for url in sources]
     assert all(png.startswith(b"\x89PNG") for png in served)
 
+    # Back later in the same tab: the key is still there, and opening the subject from the list
+    # shows its story again.
+    browser.refresh()
+    item = f'#subject-list li[data-id="{subject_id}"]'
+    wait_until(browser, lambda d: d.find_elements("css selector", item), "the subject list after a reload")
+    assert not by_css(browser, "#story").is_displayed()
+    by_css(browser, f"{item} button.open").click()
+    loaded_images(browser, 4)
+    assert "cat — A photo of a cat in the park" in by_css(browser, item).text
+
     # An invalid prompt: the API's own sentence, next to the field.
     bad = "a photo of a spaceship"
     type_into(browser, "#scene-prompts", bad)
