@@ -108,6 +108,24 @@ def test_without_a_key_the_page_asks_for_one_and_shows_the_apis_401_next_to_the_
     assert unexpected == []
 
 
+def test_the_style_shortcut_builds_the_prompts_the_cli_builds(service, browser):
+    from consistory.prompt_text import setting_prompt
+
+    cases = [("A photo of", "cat", "in the park"), ("A photo of", "old wizard", "reading"),
+             ("A photo of the", "dog", "on a sofa"), ("A watercolor of", "unicorn", "in a field"),
+             ("A photo of", "hour glass", "on a desk"), ("A photo of", "Alice", "at home"),
+             ("A photo of", "two dogs", "asleep"), ("A photo of", "puppies", "in the snow"),
+             ("A photo of", "owl", ""), ("", "cat", "in the snow"), ("A photo of", "European bison", "at dawn"),
+             ("A photo of", "glass", "on a table"), ("A photo of", "9 cats", "outside"), ("  A sketch of ", " apple ", " x ")]
+    browser.get(service + "/")
+    built = browser.execute_async_script(
+        "const [cases, done] = arguments;"
+        "import(new URL('static/storyboard/prompts.js', document.baseURI).href)"
+        ".then(m => done(cases.map(c => m.settingPrompt(...c))), e => done(String(e)));", cases)
+    assert built == [setting_prompt(*case) for case in cases]
+    assert console_errors(browser) == []
+
+
 def test_a_storyboard_from_subject_to_deletion(service, browser, tmp_path):
     from selenium.webdriver.support import expected_conditions as seen
 

@@ -8,14 +8,17 @@ import { clearErrors, showError } from "./errors.js";
 import { followJob } from "./jobs.js";
 import { lines, settingPrompt } from "./prompts.js";
 import { Story, frameHandlers } from "./story.js";
+import { labels, remember, subjectList } from "./subject_list.js";
 
 const $ = (selector) => document.querySelector(selector);
-const PAGE = 20;
 const SAMPLING = ["seed", "steps", "width", "height", "guidance_scale"];
-const LABELS = "consistory.labels";
 
 let story = null; // the open subject's Story
-let listAfter = null; // `after` of the subject list's next page
+const refreshSubjects = subjectList($("#subjects"), {
+  open: (id) => openSubject(id),
+  remove: (id) => deleteSubject(id),
+  openId: () => story?.subjectId,
+});
 
 // --- the requests, built once for both the call and its curl ---
 function subjectRequest() {
@@ -47,59 +50,6 @@ async function showCurl(request) {
   } catch {
     status.textContent = "The browser refused the clipboard: select the command above and copy it.";
   }
-}
-
-// --- labels: "cat — a photo of a cat in the park", remembered for this tab ---
-function labels() {
-  return JSON.parse(sessionStorage.getItem(LABELS) || "{}");
-}
-
-function remember(record) {
-  const all = labels();
-  all[record.subject_id] = `${record.subjects.join(", ")} — ${record.prompts[0] || ""}`;
-  sessionStorage.setItem(LABELS, JSON.stringify(all));
-}
-
-// --- the subject list ---
-async function refreshSubjects(more = false) {
-  const aside = $("#subjects");
-  clearErrors(aside);
-  const list = $("#subject-list");
-  const path = `v1/subjects?limit=${PAGE}${more && listAfter ? `&after=${encodeURIComponent(listAfter)}` : ""}`;
-  let page;
-  try {
-    page = await call("GET", path);
-  } catch (error) {
-    showError(aside, error, "list");
-    return;
-  }
-  if (!more) list.replaceChildren();
-  listAfter = page.next_after || null;
-  $("#more-subjects").hidden = !listAfter;
-  const known = labels();
-  for (const id of page.subject_ids) list.append(subjectItem(id, known[id]));
-  if (!page.subject_ids.length && !more) list.append(Object.assign(document.createElement("li"), { textContent: "None yet." }));
-  // Labels of subjects made elsewhere come from their records, in the background.
-  for (const id of page.subject_ids.filter((i) => !known[i])) {
-    call("GET", `v1/subjects/${id}`).then((record) => {
-      remember(record);
-      const name = list.querySelector(`li[data-id="${id}"] .name`);
-      if (name) name.textContent = labels()[id];
-    }, () => {});
-  }
-}
-
-function subjectItem(id, label) {
-  const item = document.createElement("li");
-  item.dataset.id = id;
-  item.classList.toggle("open", story?.subjectId === id);
-  const name = Object.assign(document.createElement("span"), { className: "name", textContent: label || id, title: id });
-  const open = Object.assign(document.createElement("button"), { type: "button", className: "quiet open", textContent: "Open" });
-  const remove = Object.assign(document.createElement("button"), { type: "button", className: "quiet delete", textContent: "Delete" });
-  open.addEventListener("click", () => openSubject(id));
-  remove.addEventListener("click", () => deleteSubject(id));
-  item.append(name, open, remove);
-  return item;
 }
 
 // --- one subject ---
@@ -270,7 +220,6 @@ function start() {
     $("#subject-list").replaceChildren();
   });
   $("#refresh-subjects").addEventListener("click", () => refreshSubjects());
-  $("#more-subjects").addEventListener("click", () => refreshSubjects(true));
   $("#new-subject").addEventListener("click", () => $("#subject-words").focus());
   $("#subject-form").addEventListener("submit", createSubject);
   $("#scenes-form").addEventListener("submit", addScenes);
