@@ -85,6 +85,9 @@ class Generator(ModelReplica):
         self._load_fn = load
         self._cache_for = serve.multiplexed(max_num_models_per_replica=_MAX_SUBJECTS)(load)
         self._replica_name = f"{socket.gethostname()}:{os.getpid()}"
+        # Where each subject's cache came from, each time this replica loaded it: what an
+        # operator (or a test) reads to see caches cross nodes once, or come from the store.
+        self.loads: dict[str, dict[str, int]] = {}
         self.rebuilds = 0  # caches this replica rebuilt
         self.rebuilt_by_others = 0  # caches it waited for while another replica rebuilt them
 
@@ -107,6 +110,9 @@ class Generator(ModelReplica):
             self._offered.pop(subject_id, None)  # never pin an object longer than needed
         await self._evict_over_budget()
         source = loaded.take_source()
+        if source != "replica":
+            counts = self.loads.setdefault(subject_id, {})
+            counts[source] = counts.get(source, 0) + 1
         cache_ready = time.perf_counter()
         count_cache_use(source)
         observe_stage("cache_load", cache_ready - started)
@@ -124,11 +130,16 @@ class Generator(ModelReplica):
         )
 
     async def cache_stats(self) -> dict[str, Any]:
-        """The caches this replica holds: subjects (least recently used first) and bytes."""
+        """The caches this replica holds (subjects, least recently used first, and bytes), where
+        they came from, and which replica on which node is answering."""
+        import ray
+
         models = self._multiplexed_models()
         return {"subjects": list(models), "bytes": sum(m.nbytes for m in models.values()),
                 "budget_bytes": self.settings.cache_lru_bytes, "rebuilds": self.rebuilds,
-                "rebuilt_by_others": self.rebuilt_by_others}
+                "rebuilt_by_others": self.rebuilt_by_others, "loads": self.loads,
+                "replica": serve.get_replica_context().replica_id.unique_id,
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     def _multiplexed_models(self) -> dict[str, LoadedCache]:
         wrapper = getattr(self._load_fn, _MULTIPLEX_ATTRIBUTE, None)

@@ -12,11 +12,11 @@ from typing import Any
 
 @dataclass(frozen=True)
 class CacheHandle:
-    """An anchor cache in Ray's object store: its safetensors header (small, carried by value) and
-    one ObjectRef per chunk of its data section, each chunk at most `cache_chunk_bytes`. A reader
-    on the same node maps the chunks where they lie; another node pulls each chunk once."""
+    """An anchor cache in Ray's object store: an ObjectRef to its safetensors header and one per
+    chunk of its data section, each chunk at most `cache_chunk_bytes`. A reader on the same node
+    maps the chunks where they lie; another node pulls each object once."""
 
-    header: bytes
+    header: Any  # ray.ObjectRef of a read-only numpy uint8 array
     chunks: tuple[Any, ...]  # ray.ObjectRef of a read-only numpy uint8 array
     nbytes: int
 

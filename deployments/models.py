@@ -19,8 +19,24 @@ def resolve_device(device: str) -> str:
     import torch
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            return "cuda"
+        gpus = _gpus_from_ray()
+        if gpus:
+            # A node that declares GPUs it lacks (a simulated cluster, a CPU-only torch on a GPU
+            # node): the replica still works, slowly, and the log says why.
+            logger.warning("Ray assigned GPU %s but torch sees no CUDA device; running the model on the CPU",
+                           ",".join(gpus))
+        return "cpu"
     return device
+
+
+def _gpus_from_ray() -> list[str]:
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    return [str(g) for g in ray.get_gpu_ids()]
 
 
 def resolve_dtype(dtype: str, device: str):

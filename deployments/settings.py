@@ -79,6 +79,13 @@ class DeploymentResources(_Strict):
     # Requests waiting at each caller (proxy or handle) beyond this get 503 + Retry-After;
     # -1 means unbounded, which under overload turns into hangs rather than answers.
     max_queued_requests: int = Field(-1, ge=-1)
+    # Serve's defaults wait 30 s before adding and 600 s before removing replicas; a replica on a
+    # new GPU node costs minutes, so bursts shorter than the delays are better absorbed in queues.
+    upscale_delay_s: Optional[float] = Field(None, ge=0)
+    downscale_delay_s: Optional[float] = Field(None, ge=0)
+    # At most this many replicas of the deployment on one node (multi-GPU nodes): a node's loss
+    # then takes out only that share, and its replicas share that node's copy of each cache.
+    max_replicas_per_node: Optional[int] = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _bounds(self) -> "DeploymentResources":
@@ -98,14 +105,20 @@ class DeploymentResources(_Strict):
             # Serve adds Retry-After itself to the 503s it answers for a full queue.
             "backpressure_config": {"status_code": 503, "retry_after_s": retry_after_s},
         }
+        if self.max_replicas_per_node is not None:
+            options["max_replicas_per_node"] = self.max_replicas_per_node
         if self.min_replicas == self.max_replicas:
             options["num_replicas"] = self.max_replicas
         else:
-            options["autoscaling_config"] = {
+            autoscaling: dict[str, Any] = {
                 "min_replicas": self.min_replicas,
                 "max_replicas": self.max_replicas,
                 "target_ongoing_requests": self.target_ongoing_requests,
             }
+            for name in ("upscale_delay_s", "downscale_delay_s"):
+                if getattr(self, name) is not None:
+                    autoscaling[name] = getattr(self, name)
+            options["autoscaling_config"] = autoscaling
         return options
 
 
