@@ -43,6 +43,7 @@ def start_chromium(downloads: Path, width: int = 1280, height: int = 1000):
                  "--no-proxy-server", "--no-first-run", "--disable-extensions", "--hide-scrollbars",
                  f"--window-size={width},{height}"):
         options.add_argument(flag)
+    options.ignore_local_proxy_environment_variables()  # chromedriver is on loopback: never via a proxy
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
                                               "download.prompt_for_download": False})
