@@ -9,12 +9,17 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
+from .control import doubled as control_doubled
 from .correspondence import freeu_backbone_scaled, smooth_features
 from .run_state import PassSnapshot, RunState
+
+if TYPE_CHECKING:
+    from .control import ControlSignal
+    from .inversion import PhotoRows
 
 
 @dataclass
@@ -28,6 +33,12 @@ class Conditioning:
     def doubled(self) -> "Conditioning":
         """The same conditioning for [vanilla rows, SDSA rows] in one forward."""
         return Conditioning(*(torch.cat([t, t]) for t in (self.prompt_embeds, self.text_embeds, self.time_ids)))
+
+    def rows(self, rows: Sequence[int]) -> "Conditioning":
+        """The conditioning of a sub-batch made of images `rows`."""
+        b = self.prompt_embeds.shape[0] // 2
+        index = list(rows) + [b + r for r in rows]
+        return Conditioning(self.prompt_embeds[index], self.text_embeds[index], self.time_ids[index])
 
 
 def encode_conditioning(pipe, prompts: Sequence[str], height: int, width: int, device) -> Conditioning:
@@ -85,10 +96,13 @@ def denoise_pass(
     on_step: Callable[[int], None] | None = None,
     start: int = 0,
     snapshot_at: int | None = None,
+    control: "ControlSignal | None" = None,
+    photos: "PhotoRows | None" = None,
 ) -> tuple[torch.Tensor, PassSnapshot | None]:
     """One pass of the denoising loop, from `latents` at step `start` (the scheduler in the state
     it has there); returns the final latents and, if `snapshot_at` is given, the state of the
-    pass just before that step."""
+    pass just before that step. `control` adds ControlNet residuals; the rows of `photos` step
+    with their inverted noise maps while the others keep the scheduler's step."""
     timesteps = scheduler.timesteps
     doubled = cond.doubled()
     guidance = state.config.guidance_scale
@@ -102,24 +116,43 @@ def denoise_pass(
         state.begin_step(i)
         c = doubled if state.fused_vanilla else cond
         x = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        residuals = control.residuals(i, len(timesteps), x, t, cond) if control is not None else {}
         if state.fused_vanilla:
             x = torch.cat([x, x])
-        noise = pipe.unet(
-            x,
-            t,
-            encoder_hidden_states=c.prompt_embeds,
-            timestep_cond=None,
-            added_cond_kwargs={"text_embeds": c.text_embeds, "time_ids": c.time_ids},
-            return_dict=False,
-        )[0]
+            residuals = control_doubled(residuals)
+        noise = unet_forward(pipe, x, t, c, residuals)
         noise = noise[state.main_offset :]  # the vanilla forward's prediction is thrown away
         uncond, text = noise.chunk(2)
         noise = uncond + guidance * (text - uncond)
-        latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+        stepped = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+        latents = stepped if photos is None else photos.step(i, noise, latents, stepped)
         if on_step is not None:
             on_step(i)
     state.end_pass()
     return latents, snapshot
+
+
+def unet_forward(pipe, x: torch.Tensor, t, cond: Conditioning, residuals: dict) -> torch.Tensor:
+    return pipe.unet(
+        x,
+        t,
+        encoder_hidden_states=cond.prompt_embeds,
+        timestep_cond=None,
+        added_cond_kwargs={"text_embeds": cond.text_embeds, "time_ids": cond.time_ids},
+        return_dict=False,
+        **residuals,
+    )[0]
+
+
+def guided_noise(pipe, scheduler, latents: torch.Tensor, t, step: int, cond: Conditioning, guidance: float,
+                 control: "ControlSignal | None") -> torch.Tensor:
+    """The plain model's CFG noise prediction for `latents` (no ConsiStory mechanism at work):
+    what the inversion of a photo sees, the same prediction its regeneration sees with every
+    mechanism off."""
+    x = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+    residuals = control.residuals(step, len(scheduler.timesteps), x, t, cond) if control is not None else {}
+    uncond, text = unet_forward(pipe, x, t, cond, residuals).chunk(2)
+    return uncond + guidance * (text - uncond)
 
 
 def decode_latents(pipe, latents: torch.Tensor, output_type: str):

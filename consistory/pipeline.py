@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .anchor_cache import AnchorCache
 from .anchors import CachedAnchors, LiveAnchors
 from .cache_codecs import CODECS
 from .config import ConsiStoryConfig
+from .control import check_controlnet
 from .denoise import decode_latents, denoise_pass, dift_hook, encode_conditioning, nearest_step
 from .errors import InputError
+from .fingerprint import unet_fingerprint
 from .grids import Grids
+from .image_inputs import ImageInputs
 from .outputs import AnchorsOutput, StoryOutput
 from .processors import build_processors
-from .progress import ProgressCallback, StepProgress
+from .progress import ProgressCallback, step_progress
 from .run_state import RunState
 from .seeds import check_seeds, consecutive_seeds, initial_latents
 from .subject_tokens import find_subject_tokens
@@ -36,8 +36,11 @@ class ConsiStoryPipeline:
     hook are installed only while generating and removed afterwards, even on error.
     """
 
-    def __init__(self, sdxl, model_id: str | None = None) -> None:
+    def __init__(self, sdxl, model_id: str | None = None, controlnet=None) -> None:
         self.sdxl = sdxl
+        # A StableDiffusionXLControlNetPipeline brings its own ControlNet.
+        self.controlnet = controlnet if controlnet is not None else getattr(sdxl, "controlnet", None)
+        check_controlnet(self.controlnet)
         self.model_id = model_id or getattr(sdxl, "name_or_path", None) or sdxl.__class__.__name__
         self.progress_bar = True
         # Pass 2 starts from pass 1's state at step S // 10 (exact); False runs it from step 0,
@@ -49,18 +52,22 @@ class ConsiStoryPipeline:
 
     # --- construction ---
     @classmethod
-    def from_pretrained(cls, model_id_or_path: str, **diffusers_kwargs: Any) -> "ConsiStoryPipeline":
-        """Load SDXL weights (hub id or local directory) and use DDIM as the method specifies."""
+    def from_pretrained(cls, model_id_or_path: str, controlnet=None, **diffusers_kwargs: Any) -> "ConsiStoryPipeline":
+        """Load SDXL weights (hub id or local directory) and use DDIM as the method specifies;
+        `controlnet`: an SDXL `ControlNetModel` (hub or directory) for `control_images`."""
         from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
         sdxl = StableDiffusionXLPipeline.from_pretrained(model_id_or_path, **diffusers_kwargs)
         sdxl.scheduler = DDIMScheduler.from_config(sdxl.scheduler.config)
-        return cls(sdxl, model_id=str(model_id_or_path))
+        if controlnet is not None:
+            controlnet = controlnet.to(device=sdxl.unet.device, dtype=sdxl.unet.dtype)
+        return cls(sdxl, model_id=str(model_id_or_path), controlnet=controlnet)
 
     @classmethod
-    def from_sdxl(cls, pipe, model_id: str | None = None) -> "ConsiStoryPipeline":
-        """Wrap an existing StableDiffusionXLPipeline (its scheduler is used as it is)."""
-        return cls(pipe, model_id=model_id)
+    def from_sdxl(cls, pipe, model_id: str | None = None, controlnet=None) -> "ConsiStoryPipeline":
+        """Wrap an existing StableDiffusionXLPipeline or StableDiffusionXLControlNetPipeline (its
+        scheduler is used as it is)."""
+        return cls(pipe, model_id=model_id, controlnet=controlnet)
 
     @classmethod
     def from_preset(cls, name: str, seed: int = 0, **kwargs: Any) -> "ConsiStoryPipeline":
@@ -79,6 +86,8 @@ class ConsiStoryPipeline:
 
     def to(self, *args, **kwargs) -> "ConsiStoryPipeline":
         self.sdxl.to(*args, **kwargs)
+        if self.controlnet is not None and getattr(self.sdxl, "controlnet", None) is not self.controlnet:
+            self.controlnet.to(*args, **kwargs)
         self._fingerprint = None
         return self
 
@@ -93,13 +102,7 @@ class ConsiStoryPipeline:
         built from sets) and of the dtype the weights are held in (they are hashed in fp16).
         """
         if self._fingerprint is None:
-            unet = self.sdxl.unet
-            public = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
-            digest = hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode())
-            for weight in _fingerprint_weights(self.sdxl):
-                sample = weight.detach().reshape(-1)[:: max(1, weight.numel() // 4096)]
-                digest.update(sample.to("cpu", torch.float16).numpy().tobytes())
-            self._fingerprint = digest.hexdigest()[:16]
+            self._fingerprint = unet_fingerprint(self.sdxl)
         return self._fingerprint
 
     def default_config(self) -> ConsiStoryConfig:
@@ -115,11 +118,20 @@ class ConsiStoryPipeline:
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         progress: ProgressCallback | None = None,
+        images: Sequence[Any] | None = None,
+        control_images: Sequence[Any] | None = None,
+        controlnet_conditioning_scale: float = 1.0,
+        control_guidance: tuple[float, float] = (0.0, 1.0),
     ) -> StoryOutput:
         """All prompts in one batch; the first `config.n_anchors` images are the anchors.
 
         Fewer prompts than anchors is refused (InputError) while SDSA or feature injection is on;
-        with both off no image looks at the anchors, so their number does not matter."""
+        with both off no image looks at the anchors, so their number does not matter.
+
+        `images`: one entry per anchor, a PIL photo of the subject the anchor prompt describes or
+        None (a generated anchor); see `create_anchors`. `control_images`: one entry per prompt,
+        a PIL control image for the pipeline's ControlNet or None; `controlnet_conditioning_scale`
+        and `control_guidance` (start, end) as diffusers' ControlNet pipeline has them."""
         config = config or self.default_config()
         prompts, subjects = text_list(prompts, "prompts"), text_list(subjects, "subjects")
         uses_anchors = config.sdsa or config.feature_injection
@@ -129,8 +141,11 @@ class ConsiStoryPipeline:
                 "n_anchors prompts are the anchors, so give at least that many prompts or lower n_anchors"
             )
         seeds = consecutive_seeds(seed, len(prompts))
-        anchors = LiveAnchors(min(config.n_anchors, len(prompts)), len(prompts))
-        return self._generate(prompts, subjects, seeds, config, latents, anchors, output_type, progress)
+        n_anchors = min(config.n_anchors, len(prompts))
+        inputs = ImageInputs.checked(len(prompts), n_anchors, images, control_images, controlnet_conditioning_scale,
+                                     control_guidance)
+        anchors = LiveAnchors(n_anchors, len(prompts))
+        return self._generate(prompts, subjects, seeds, config, latents, anchors, output_type, progress, inputs)
 
     def create_anchors(
         self,
@@ -143,10 +158,19 @@ class ConsiStoryPipeline:
         cache_device: str | torch.device | None = None,
         cache_codec: str = "exact",
         progress: ProgressCallback | None = None,
+        images: Sequence[Any] | None = None,
+        control_images: Sequence[Any] | None = None,
+        controlnet_conditioning_scale: float = 1.0,
+        control_guidance: tuple[float, float] = (0.0, 1.0),
     ) -> AnchorsOutput:
         """Generate the anchor images and record the anchor cache (on `cache_device` if given,
         e.g. "cpu" to keep it off the GPU). Every prompt is an anchor: the cache's config has
         `n_anchors = len(anchor_prompts)`.
+
+        `images`: one entry per anchor prompt, a PIL photo of the subject that prompt describes
+        (inverted with edit-friendly DDPM inversion; the anchor regenerates the photo and new
+        images attend to it) or None (an anchor generated from its prompt). `control_images`,
+        `controlnet_conditioning_scale`, `control_guidance`: as in `generate_story`.
 
         `cache_codec`: "exact" (every tensor as computed) or "compact" (8 bits or fewer per
         value, about 1/6 of exact's bytes; new images deviate from exact ones by a few percent
@@ -167,8 +191,10 @@ class ConsiStoryPipeline:
             codec=check_codec(cache_codec),
             storage_device=str(cache_device) if cache_device is not None else None,
         )
+        inputs = ImageInputs.checked(len(prompts), len(prompts), images, control_images, controlnet_conditioning_scale,
+                                     control_guidance)
         anchors = LiveAnchors(len(prompts), len(prompts), recorder=cache)
-        out = self._generate(prompts, subjects, seeds, config, latents, anchors, output_type, progress)
+        out = self._generate(prompts, subjects, seeds, config, latents, anchors, output_type, progress, inputs)
         cache.finish_recording()
         return AnchorsOutput(out.images, out.seeds, out.subject_masks, out.timings, cache=cache)
 
@@ -181,10 +207,15 @@ class ConsiStoryPipeline:
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         progress: ProgressCallback | None = None,
+        control_images: Sequence[Any] | None = None,
+        controlnet_conditioning_scale: float = 1.0,
+        control_guidance: tuple[float, float] = (0.0, 1.0),
     ) -> StoryOutput:
         """New images of the cached subject; each is independent of the others in the call.
 
         Default seeds continue the anchors': `cache.seeds[0] + n_anchors + j` for prompt j.
+        `control_images` (one per prompt, PIL or None) and the ControlNet settings: as in
+        `generate_story`; they may differ from the anchors'.
         """
         config = config or cache.config
         cache.check_compatible(self.model_fingerprint, config)
@@ -195,15 +226,20 @@ class ConsiStoryPipeline:
         seeds = check_seeds(list(seeds))
         if len(seeds) != len(prompts):
             raise InputError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
+        inputs = ImageInputs.checked(len(prompts), 0, None, control_images, controlnet_conditioning_scale,
+                                     control_guidance)
         anchors = CachedAnchors(cache, len(prompts))
-        return self._generate(prompts, cache.subjects, seeds, config, latents, anchors, output_type, progress)
+        return self._generate(prompts, cache.subjects, seeds, config, latents, anchors, output_type, progress, inputs)
 
     # --- the shared path ---
-    def _generate(self, prompts, subjects, seeds, config, latents, anchors, output_type, progress=None) -> StoryOutput:
+    def _generate(self, prompts, subjects, seeds, config, latents, anchors, output_type, progress=None,
+                  inputs: ImageInputs | None = None) -> StoryOutput:
         with self._lock:
-            return self._generate_locked(prompts, subjects, seeds, config, latents, anchors, output_type, progress)
+            return self._generate_locked(prompts, subjects, seeds, config, latents, anchors, output_type, progress,
+                                         inputs or ImageInputs())
 
-    def _generate_locked(self, prompts, subjects, seeds, config, latents, anchors, output_type, progress) -> StoryOutput:
+    def _generate_locked(self, prompts, subjects, seeds, config, latents, anchors, output_type, progress,
+                         inputs: ImageInputs) -> StoryOutput:
         if output_type not in ("pil", "np", "pt", "latent"):
             raise InputError(f"output_type must be 'pil', 'np', 'pt' or 'latent' (got {output_type!r})")
         sdxl = self.sdxl
@@ -228,26 +264,41 @@ class ConsiStoryPipeline:
         # Pass 2 resumes from pass 1's state where injection starts (see PassSnapshot).
         resume_at = config.injection_steps().start if config.two_passes and self.resume_pass2 else None
         steps = config.num_inference_steps
-        with torch.no_grad(), self._method_installed(state, config), self._progress(config, resume_at, state, progress) as step_done:
+        with torch.no_grad(), step_progress(self.progress_bar, config, resume_at, state, progress) as step_done:
             cond = encode_conditioning(sdxl, prompts, config.height, config.width, self.device)
+            control = inputs.control_signal(self.controlnet, config.height, config.width, sdxl.vae_scale_factor,
+                                            self.device)
             timings["encode_s"] = time.perf_counter() - start
-            t0 = time.perf_counter()
-            scheduler.set_timesteps(steps, device=self.device)
-            state.begin_pass(1)
-            result, snapshot = denoise_pass(sdxl, scheduler, state, latents, cond, step_done, snapshot_at=resume_at)
-            timings["pass1_s"] = time.perf_counter() - t0
-            if config.two_passes:
+            if inputs.photos is not None:
                 t0 = time.perf_counter()
-                if snapshot is not None:
-                    state.begin_pass(2, resume=snapshot)
-                    result, _ = denoise_pass(
-                        sdxl, snapshot.scheduler, state, snapshot.latents, cond, step_done, start=snapshot.step
-                    )
-                else:
-                    scheduler.set_timesteps(steps, device=self.device)
-                    state.begin_pass(2)
-                    result, _ = denoise_pass(sdxl, scheduler, state, latents, cond, step_done)
-                timings["pass2_s"] = time.perf_counter() - t0
+                with self._freeu_installed(config):  # the model the rows are sampled with, no mechanism
+                    photos = inputs.invert_photos(sdxl, scheduler, cond, seeds, config, control, self.device)
+                latents = latents.clone()
+                latents[photos.rows] = photos.x_T.to(latents.dtype)
+                timings["inversion_s"] = time.perf_counter() - t0
+            else:
+                photos = None
+            rows = {"control": control, "photos": photos}
+            with self._method_installed(state, config):
+                t0 = time.perf_counter()
+                scheduler.set_timesteps(steps, device=self.device)
+                state.begin_pass(1)
+                result, snapshot = denoise_pass(sdxl, scheduler, state, latents, cond, step_done,
+                                                snapshot_at=resume_at, **rows)
+                timings["pass1_s"] = time.perf_counter() - t0
+                if config.two_passes:
+                    t0 = time.perf_counter()
+                    if snapshot is not None:
+                        state.begin_pass(2, resume=snapshot)
+                        result, _ = denoise_pass(
+                            sdxl, snapshot.scheduler, state, snapshot.latents, cond, step_done, start=snapshot.step,
+                            **rows,
+                        )
+                    else:
+                        scheduler.set_timesteps(steps, device=self.device)
+                        state.begin_pass(2)
+                        result, _ = denoise_pass(sdxl, scheduler, state, latents, cond, step_done, **rows)
+                    timings["pass2_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             images = result if output_type == "latent" else decode_latents(sdxl, result, output_type)
             timings["decode_s"] = time.perf_counter() - t0
@@ -268,68 +319,28 @@ class ConsiStoryPipeline:
     def _method_installed(self, state: RunState, config: ConsiStoryConfig) -> Iterator[None]:
         unet = self.sdxl.unet
         originals = unet.attn_processors
-        freeu_before = [{k: getattr(block, k, None) for k in FREEU_KEYS} for block in unet.up_blocks]
         try:
             # set_attn_processor empties the dict it is given: always hand it a copy.
             unet.set_attn_processor(dict(build_processors(dict(originals), state)))
+            with self._freeu_installed(config), dift_hook(unet, state):
+                yield
+        finally:
+            unet.set_attn_processor(dict(originals))
+
+    @contextmanager
+    def _freeu_installed(self, config: ConsiStoryConfig) -> Iterator[None]:
+        unet = self.sdxl.unet
+        freeu_before = [{k: getattr(block, k, None) for k in FREEU_KEYS} for block in unet.up_blocks]
+        try:
             if config.freeu:
                 unet.enable_freeu(s1=config.freeu_s1, s2=config.freeu_s2, b1=config.freeu_b1, b2=config.freeu_b2)
             else:
                 unet.disable_freeu()
-            with dift_hook(unet, state):
-                yield
+            yield
         finally:
-            unet.set_attn_processor(dict(originals))
             for block, values in zip(unet.up_blocks, freeu_before):
                 for k, v in values.items():
                     setattr(block, k, v)
-
-    @contextmanager
-    def _progress(self, config: ConsiStoryConfig, resume_at: int | None, state: RunState,
-                  callback: ProgressCallback | None):
-        steps = config.num_inference_steps
-        total = steps + (steps - (resume_at or 0) if config.two_passes else 0)
-        passes = 2 if config.two_passes else 1
-        # The bar counts each pass's steps as the user set them ("pass 2 of 2: 7/10"); pass 2
-        # opens at the step it resumes from, since the steps before it were made once in pass 1.
-        bar = tqdm(total=steps, desc=f"pass 1 of {passes}", unit="step", disable=not self.progress_bar, leave=False)
-        done, shown_pass = 0, 1
-
-        def step_done(step: int) -> None:
-            nonlocal done, shown_pass
-            done += 1
-            if state.pass_index != shown_pass:
-                shown_pass = state.pass_index
-                bar.reset(total=steps)
-                bar.set_description(f"pass {shown_pass} of {passes}")
-                bar.update(step)
-            bar.update()
-            if step == steps - 1:
-                bar.refresh()  # a pass's last step is shown even when it came within tqdm's redraw interval
-            if callback is not None:
-                callback(StepProgress(state.pass_index, step, steps, done, total))
-
-        try:
-            yield step_done
-        finally:
-            bar.close()
-
-
-def _fingerprint_weights(sdxl) -> list[torch.Tensor]:
-    """A few weights spread over the UNet and the text encoders, so that fine-tunes (LoRA fused
-    into attention, say) change the fingerprint, not only a different base model."""
-    unet = sdxl.unet
-    attention = [
-        weight
-        for name, module in unet.named_modules()
-        if name.endswith(("attn1", "attn2")) and name.startswith(("up_blocks", "mid_block"))
-        for weight in (module.to_k.weight, module.to_v.weight)
-    ]
-    picks = [unet.conv_in.weight, unet.conv_out.weight] + attention[:: max(1, len(attention) // 8)]
-    for encoder in (sdxl.text_encoder, sdxl.text_encoder_2):
-        if encoder is not None:
-            picks.append(encoder.get_input_embeddings().weight)
-    return picks
 
 
 def check_codec(codec) -> str:

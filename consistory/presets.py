@@ -196,3 +196,21 @@ def build_preset_sdxl(
         # whether the optional invisible-watermark package happens to be installed.
         add_watermarker=False,
     )
+
+
+def build_preset_controlnet(unet: UNet2DConditionModel, seed: int = 0):
+    """A random SDXL ControlNet for a preset's UNet: its encoder copied from the UNet (as
+    `ControlNetModel.from_unet` does), and random weights in the convolutions a ControlNet starts
+    with at zero, so that a control image changes the image in tests and benchmarks."""
+    from diffusers import ControlNetModel
+
+    # Same seed, same weights: the layers from_unet does not copy are drawn here too.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        controlnet = ControlNetModel.from_unet(unet)
+        for conv in [controlnet.controlnet_cond_embedding.conv_out, controlnet.controlnet_mid_block,
+                     *controlnet.controlnet_down_blocks]:
+            conv.reset_parameters()
+    # dtype only when it changes: diffusers' ModelMixin.to warns on any dtype argument.
+    cast = {} if unet.dtype == torch.float32 else {"dtype": unet.dtype}
+    return controlnet.to(device=unet.device, **cast).eval()

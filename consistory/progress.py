@@ -3,8 +3,11 @@ service's jobs) without reading logs."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
+
+from tqdm.auto import tqdm
 
 
 @dataclass(frozen=True)
@@ -25,3 +28,35 @@ class StepProgress:
 # Called after each step on the thread that generates. An exception raised by it stops the
 # generation and propagates to the caller: that is how a caller cancels work in progress.
 ProgressCallback = Callable[[StepProgress], None]
+
+
+@contextmanager
+def step_progress(show: bool, config, resume_at: int | None, state, callback: ProgressCallback | None):
+    """A callback for the denoising loop that moves the progress bar (when `show`) and calls
+    `callback` after each UNet step of either pass."""
+    steps = config.num_inference_steps
+    total = steps + (steps - (resume_at or 0) if config.two_passes else 0)
+    passes = 2 if config.two_passes else 1
+    # The bar counts each pass's steps as the user set them ("pass 2 of 2: 7/10"); pass 2
+    # opens at the step it resumes from, since the steps before it were made once in pass 1.
+    bar = tqdm(total=steps, desc=f"pass 1 of {passes}", unit="step", disable=not show, leave=False)
+    done, shown_pass = 0, 1
+
+    def step_done(step: int) -> None:
+        nonlocal done, shown_pass
+        done += 1
+        if state.pass_index != shown_pass:
+            shown_pass = state.pass_index
+            bar.reset(total=steps)
+            bar.set_description(f"pass {shown_pass} of {passes}")
+            bar.update(step)
+        bar.update()
+        if step == steps - 1:
+            bar.refresh()  # a pass's last step is shown even when it came within tqdm's redraw interval
+        if callback is not None:
+            callback(StepProgress(state.pass_index, step, steps, done, total))
+
+    try:
+        yield step_done
+    finally:
+        bar.close()

@@ -1,0 +1,146 @@
+"""ControlNet conditioning per image: a pose, depth or edge map for some prompts, none for others.
+
+The residuals are computed as diffusers' `StableDiffusionXLControlNetPipeline` computes them (the
+same preprocessing, conditioning scale, guidance window and guess mode), from the rows that have a
+control image, and are zero for the rows that have none; ControlNet's output of one row depends
+only on that row, so an image's control changes that image alone. SDSA and feature injection live
+in the UNet's attention processors and are untouched by the residuals (ALGORITHM.md 10b).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    """As diffusers names them: residuals are scaled by `conditioning_scale` at the steps whose
+    fraction of the schedule lies within [guidance_start, guidance_end]."""
+
+    conditioning_scale: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("conditioning_scale", "guidance_start", "guidance_end"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise InputError(f"controlnet {name} must be a number (got {value!r})")
+        if not 0.0 <= self.guidance_start < self.guidance_end <= 1.0:
+            raise InputError(
+                "control_guidance_start and control_guidance_end must satisfy 0 <= start < end <= 1 "
+                f"(got {self.guidance_start}, {self.guidance_end})"
+            )
+
+    def scale_at(self, step: int, steps: int) -> float:
+        outside = step / steps < self.guidance_start or (step + 1) / steps > self.guidance_end
+        return 0.0 if outside else float(self.conditioning_scale)
+
+
+def check_control_images(control_images: Sequence[Any] | None, n_prompts: int) -> list[Any] | None:
+    """One entry per prompt, each a PIL image or None; None (or all None) means no control."""
+    if control_images is None:
+        return None
+    from PIL import Image
+
+    control_images = list(control_images)
+    if len(control_images) != n_prompts:
+        raise InputError(
+            f"got {len(control_images)} control images for {n_prompts} prompts; give one per prompt (None for no control)"
+        )
+    for i, image in enumerate(control_images):
+        if image is not None and not isinstance(image, Image.Image):
+            raise InputError(f"control image {i} must be a PIL image or None (got {type(image).__name__})")
+    return control_images if any(image is not None for image in control_images) else None
+
+
+class ControlSignal:
+    """The control images of one batch on the device, and the residuals they add at each step."""
+
+    def __init__(self, controlnet, images: torch.Tensor, rows: list[int], n_images: int, settings: ControlSettings):
+        self.controlnet = controlnet
+        self.images = images  # (K, 3, H, W) in [0, 1], the rows' control images
+        self.rows = rows
+        self.n_images = n_images
+        self.settings = settings
+        # As diffusers: a ControlNet trained with global pooling runs in guess mode, on the
+        # conditional rows only.
+        self.guess_mode = bool(getattr(controlnet.config, "global_pool_conditions", False))
+
+    @classmethod
+    def prepare(cls, controlnet, control_images: list[Any] | None, height: int, width: int, vae_scale_factor: int,
+                device, settings: ControlSettings) -> "ControlSignal | None":
+        if control_images is None:
+            return None
+        if controlnet is None:
+            raise InputError(
+                "control images need a ControlNet: load the pipeline with controlnet=ControlNetModel (or "
+                "wrap a StableDiffusionXLControlNetPipeline with from_sdxl)"
+            )
+        from diffusers.image_processor import VaeImageProcessor
+
+        processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor, do_convert_rgb=True, do_normalize=False)
+        rows = [i for i, image in enumerate(control_images) if image is not None]
+        pixels = processor.preprocess([control_images[i] for i in rows], height=height, width=width)
+        images = pixels.to(torch.float32).to(device=device, dtype=controlnet.dtype)
+        return cls(controlnet, images, rows, len(control_images), settings)
+
+    def subset(self, rows: Sequence[int]) -> "ControlSignal | None":
+        """The signal of a sub-batch made of `rows` of this batch (their order kept)."""
+        picked = [(new, self.rows.index(old)) for new, old in enumerate(rows) if old in self.rows]
+        if not picked:
+            return None
+        return ControlSignal(self.controlnet, self.images[[k for _, k in picked]], [n for n, _ in picked], len(rows),
+                             self.settings)
+
+    def residuals(self, step: int, steps: int, x: torch.Tensor, t, cond) -> dict[str, Any]:
+        """UNet keyword arguments for the CFG rows [uncond, cond] `x` (2B, C, h, w) at `step`;
+        empty where the residuals would all be zero."""
+        scale = self.settings.scale_at(step, steps)
+        if scale == 0.0:
+            return {}
+        b = self.n_images
+        cond_rows = [b + r for r in self.rows]
+        rows = cond_rows if self.guess_mode else self.rows + cond_rows
+        images = self.images if self.guess_mode else torch.cat([self.images, self.images])
+        down, mid = self.controlnet(
+            x[rows],
+            t,
+            encoder_hidden_states=cond.prompt_embeds[rows],
+            controlnet_cond=images,
+            conditioning_scale=scale,
+            guess_mode=self.guess_mode,
+            added_cond_kwargs={"text_embeds": cond.text_embeds[rows], "time_ids": cond.time_ids[rows]},
+            return_dict=False,
+        )
+
+        def all_rows(residual: torch.Tensor) -> torch.Tensor:
+            out = residual.new_zeros((2 * b, *residual.shape[1:]))
+            out[rows] = residual
+            return out
+
+        return {
+            "down_block_additional_residuals": [all_rows(d) for d in down],
+            "mid_block_additional_residual": all_rows(mid),
+        }
+
+
+def doubled(residuals: dict[str, Any]) -> dict[str, Any]:
+    """The same residuals for [vanilla rows, SDSA rows]: query mixing's vanilla forward sees the
+    control as the SDSA forward does (see README, "Photos and poses")."""
+    if not residuals:
+        return residuals
+    return {
+        "down_block_additional_residuals": [torch.cat([d, d]) for d in residuals["down_block_additional_residuals"]],
+        "mid_block_additional_residual": torch.cat([residuals["mid_block_additional_residual"]] * 2),
+    }
+
+
+def check_controlnet(controlnet) -> None:
+    if controlnet is not None and hasattr(controlnet, "nets"):
+        raise InputError("several ControlNets at once (MultiControlNetModel) are not supported; give one ControlNetModel")
