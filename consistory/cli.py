@@ -24,6 +24,7 @@ import importlib
 import sys
 from typing import Callable, Sequence
 
+from .cli_images import add_image_options
 from .cli_options import DEFAULT_STYLE
 from .errors import InputError, UsageError
 from .hub_access import ModelUnavailable
@@ -192,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_options(generate, first_seed)
     _n_anchors_option(generate, "of the story")
     _prompt_options(generate)
+    add_image_options(generate, photos=True)
     _run_options(generate, "story/")
     generate.set_defaults(run=_command("consistory.cli_commands", "cmd_generate"))
 
@@ -203,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     anchors.add_argument("--codec", choices=("exact", "compact"), default="exact",
                          help="exact: every tensor as computed; compact: 8 bits or fewer per value, "
                               "about 1/6 of the bytes (default exact)")
+    add_image_options(anchors, photos=True)
     _run_options(anchors, "anchors/")
     anchors.set_defaults(run=_command("consistory.cli_commands", "cmd_anchors"))
 
@@ -212,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     extend.add_argument("--seed", type=_seed, action="append",
                         help="one per prompt (repeatable); default: continue the anchors' seeds")
     _prompt_options(extend)
+    add_image_options(extend, photos=False)
     _run_options(extend, "extend/")
     extend.set_defaults(run=_command("consistory.cli_commands", "cmd_extend"))
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .anchor_cache import AnchorCache, AnchorCacheError
+from .cli_images import anchor_photos, control_images, image_record
 from .cli_models import check_prompts, locate_model, model_dtype, open_pipeline, resolve_device, resolve_model
 from .cli_options import build_config, check_anchor_count, story_prompts
 from .config import ConsiStoryConfig
@@ -49,36 +50,53 @@ def check_paths(out: str, save: str | None = None) -> None:
         raise UsageError(f"--save {save} is a directory; give a file path such as {Path(save) / 'subject.cache'}")
 
 
-def _prepare(args: argparse.Namespace) -> tuple[list[str], ConsiStoryConfig, str, torch.device, bool]:
-    """Everything `generate` and `anchors` can check before loading weights."""
+def _prepare(args: argparse.Namespace) -> tuple[list[str], ConsiStoryConfig, str, torch.device, bool, dict]:
+    """Everything `generate` and `anchors` can check before loading weights; the last item
+    holds the images given with the prompts, as the library's keyword arguments."""
     check_paths(args.out, getattr(args, "save", None))
     prompts = story_prompts(args, args.subject[0])
     config = build_config(args, args.model)
+    n_anchors = len(prompts)
     if args.command == "generate":
         check_anchor_count(config, len(prompts))
+        n_anchors = min(config.n_anchors, len(prompts))
+    images = dict(images=anchor_photos(args, n_anchors), control_images=control_images(args, len(prompts)),
+                  controlnet_conditioning_scale=args.control_scale)
     model, device = resolve_model(args.model), resolve_device(args.device)
     cache_only = locate_model(model)
     check_prompts(model, prompts, args.subject, cache_only)
-    return prompts, config, model, device, cache_only
+    return prompts, config, model, device, cache_only, images
+
+
+def _open(args: argparse.Namespace, model: str, device: torch.device, cache_only: bool):
+    """The pipeline, with the --controlnet when one is named."""
+    pipe, load_s = open_pipeline(model, device, not args.no_progress, cache_only)
+    if args.controlnet:
+        from .controlnets import load_controlnet
+
+        pipe.controlnet = load_controlnet(args.controlnet, pipe.sdxl.unet, locate_model(args.controlnet))
+    return pipe, load_s
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    prompts, config, model, device, cache_only = _prepare(args)
-    pipe, load_s = open_pipeline(model, device, not args.no_progress, cache_only)
-    out = pipe.generate_story(prompts, args.subject, seed=args.seed, config=config)
+    prompts, config, model, device, cache_only, images = _prepare(args)
+    pipe, load_s = _open(args, model, device, cache_only)
+    out = pipe.generate_story(prompts, args.subject, seed=args.seed, config=config, **images)
     record = _record("generate", pipe, prompts, args.subject, out, config, load_s)
+    record.update(image_record(args))
     record["n_anchors"] = min(config.n_anchors, len(prompts))
     _finish(begin_story_dir(args.out, "story.json"), "story.json", out.images, record)
     return 0
 
 
 def cmd_anchors(args: argparse.Namespace) -> int:
-    prompts, config, model, device, cache_only = _prepare(args)
-    pipe, load_s = open_pipeline(model, device, not args.no_progress, cache_only)
+    prompts, config, model, device, cache_only, images = _prepare(args)
+    pipe, load_s = _open(args, model, device, cache_only)
     # The cache holds layer inputs for every step and layer: keep it in host memory, not on the GPU.
     out = pipe.create_anchors(prompts, args.subject, seed=args.seed, config=config, cache_device="cpu",
-                              cache_codec=args.codec)
+                              cache_codec=args.codec, **images)
     record = _record("anchors", pipe, prompts, args.subject, out, out.cache.config, load_s)
+    record.update(image_record(args))
 
     def save_cache(rec: dict[str, Any]) -> None:
         rec["cache"] = str(out.cache.save(args.save).resolve())
@@ -99,6 +117,7 @@ def cmd_extend(args: argparse.Namespace) -> int:
     prompts = story_prompts(args, cache.subjects[0])
     if args.seed and len(args.seed) != len(prompts):
         raise UsageError(f"got {len(args.seed)} --seed for {len(prompts)} prompts; give one per prompt, or none")
+    controls = control_images(args, len(prompts))
     model, device = resolve_model(args.model or cache.model_id), resolve_device(args.device)
     dtype = str(model_dtype(model, device)).removeprefix("torch.")
     if dtype != cache.dtype:
@@ -106,12 +125,14 @@ def cmd_extend(args: argparse.Namespace) -> int:
                          "extend on the kind of device the anchors were made on")
     cache_only = locate_model(model)
     check_prompts(model, prompts, cache.subjects, cache_only)
-    pipe, load_s = open_pipeline(model, device, not args.no_progress, cache_only)
+    pipe, load_s = _open(args, model, device, cache_only)
     try:
-        out = pipe.generate_from_anchors(cache, prompts, seeds=args.seed or None)
+        out = pipe.generate_from_anchors(cache, prompts, seeds=args.seed or None, control_images=controls,
+                                         controlnet_conditioning_scale=args.control_scale)
     except AnchorCacheError as error:
         raise UsageError(f"{args.cache}: {error}") from None
     record = _record("extend", pipe, prompts, cache.subjects, out, cache.config, load_s)
+    record.update(image_record(args))
     record.update(cache=str(Path(args.cache).resolve()), anchor_prompts=cache.anchor_prompts,
                   anchor_seeds=cache.seeds)
     _finish(begin_story_dir(args.out, "extend.json"), "extend.json", out.images, record)
