@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Installs Debian's Chromium and its chromedriver for the browser test suite (pytest -m browser).
-# The tests drive these system binaries; nothing downloads a browser at test time. Already
-# installed: nothing to do. Needs root, or sudo where it is available.
+# Installs Debian's Chromium and its chromedriver for the browser test suite (pytest -m browser),
+# and curl, which runs the commands the page copies. The tests drive these system binaries;
+# nothing downloads a browser at test time. Already installed: nothing to do. Needs root, or sudo
+# where it is available.
 set -euo pipefail
-if command -v chromedriver >/dev/null && { command -v chromium >/dev/null || command -v chromium-browser >/dev/null; }; then
+if command -v chromedriver >/dev/null && command -v curl >/dev/null \
+    && { command -v chromium >/dev/null || command -v chromium-browser >/dev/null; }; then
   exit 0
 fi
 as_root=()
@@ -15,4 +17,4 @@ if [ "$(id -u)" -ne 0 ]; then
   as_root=(sudo)
 fi
 "${as_root[@]}" apt-get update -q
-"${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver
+"${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver curl

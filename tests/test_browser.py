@@ -92,6 +92,19 @@ def no_horizontal_overflow(driver) -> None:
     assert not wider
 
 
+def copied_curl(driver, button: str) -> dict:
+    """Clicks a "Copy curl" button and runs the command it shows, as a person would paste it
+    into a shell with the key in CONSISTORY_API_KEY; answers the JSON it printed."""
+    by_css(driver, button).click()
+    command = by_css(driver, "#curl-text").text
+    assert command.startswith("curl ") and "$CONSISTORY_API_KEY" in command and TOKEN not in command
+    assert shutil.which("curl"), "curl is needed to run the copied command"
+    ran = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60,
+                         env={"PATH": os.environ["PATH"], "CONSISTORY_API_KEY": TOKEN})
+    assert ran.returncode == 0, ran.stderr
+    return json.loads(ran.stdout)
+
+
 def pixels(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
@@ -192,17 +205,13 @@ def test_a_storyboard_from_subject_to_deletion(service, browser, tmp_path):
     assert by_css(browser, "#scene-prompts").get_attribute("aria-invalid") == "true"
     assert browser.execute_script(LOADED_IMAGES) == 4  # and nothing else changed
 
-    # "Copy curl" gives the request the page makes: run it, and it makes the same kind of job.
+    # "Copy curl" gives the request the page makes: run in a shell, it does the same.
     type_into(browser, "#scene-prompts", "a cat on a boat")
     assert slot.text == ""  # a changed field loses its error
-    by_css(browser, "#scenes-form .curl").click()
-    command = by_css(browser, "#curl-text").text
-    assert "$CONSISTORY_API_KEY" in command and TOKEN not in command
-    if shutil.which("curl"):
-        ran = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60,
-                             env={"PATH": os.environ["PATH"], "CONSISTORY_API_KEY": TOKEN})
-        job = json.loads(ran.stdout)
-        assert job["kind"] == "images" and job["subject_id"] == subject_id, ran.stdout
+    job = copied_curl(browser, "#scenes-form .curl")
+    assert job["kind"] == "images" and job["subject_id"] == subject_id
+    assert copied_curl(browser, "#curl-record") == record
+    assert subject_id in copied_curl(browser, "#curl-list")["subject_ids"]
 
     # Downloads: a grid of the four images, and a zip of them with their prompts and seeds.
     downloads = tmp_path / "downloads"

@@ -225,6 +225,8 @@ function start() {
   $("#scenes-form").addEventListener("submit", addScenes);
   $("#subject-form .curl").addEventListener("click", () => showCurl(subjectRequest()));
   $("#scenes-form .curl").addEventListener("click", () => showCurl(scenesRequest()));
+  $("#curl-list").addEventListener("click", () => showCurl({ method: "GET", path: "v1/subjects" }));
+  $("#curl-record").addEventListener("click", () => showCurl({ method: "GET", path: `v1/subjects/${story.subjectId}` }));
   $("#curl-delete").addEventListener("click", () => showCurl({ method: "DELETE", path: `v1/subjects/${story.subjectId}` }));
   $("#delete-subject").addEventListener("click", () => deleteSubject(story.subjectId));
   $("#download-grid").addEventListener("click", () => download("grid"));
