@@ -88,6 +88,8 @@ class Generator(ModelReplica):
         # Where each subject's cache came from, each time this replica loaded it: what an
         # operator (or a test) reads to see caches cross nodes once, or come from the store.
         self.loads: dict[str, dict[str, int]] = {}
+        self.load_seconds: dict[str, float] = {}  # the latest load of each subject's cache
+        self.first_image_at: Optional[float] = None  # wall clock, when this replica's first image was done
         self.rebuilds = 0  # caches this replica rebuilt
         self.rebuilt_by_others = 0  # caches it waited for while another replica rebuilt them
 
@@ -113,6 +115,7 @@ class Generator(ModelReplica):
         if source != "replica":
             counts = self.loads.setdefault(subject_id, {})
             counts[source] = counts.get(source, 0) + 1
+            self.load_seconds[subject_id] = cache_ready - started
         cache_ready = time.perf_counter()
         count_cache_use(source)
         observe_stage("cache_load", cache_ready - started)
@@ -122,6 +125,7 @@ class Generator(ModelReplica):
                                     progress=progress)
         png = await asyncio.to_thread(encode_png, out.images[0])
         observe_stage("generation", time.perf_counter() - cache_ready)
+        self.first_image_at = self.first_image_at or time.time()
         return ImageResult(
             png=png,
             seed=out.seeds[0],
@@ -137,9 +141,11 @@ class Generator(ModelReplica):
         models = self._multiplexed_models()
         return {"subjects": list(models), "bytes": sum(m.nbytes for m in models.values()),
                 "budget_bytes": self.settings.cache_lru_bytes, "rebuilds": self.rebuilds,
-                "rebuilt_by_others": self.rebuilt_by_others, "loads": self.loads,
+                "rebuilt_by_others": self.rebuilt_by_others, "loads": self.loads, "load_s": self.load_seconds,
                 "replica": serve.get_replica_context().replica_id.unique_id,
-                "node_id": ray.get_runtime_context().get_node_id()}
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "started_at": self.started_at, "model_load_s": self.model_load_s,
+                "first_image_at": self.first_image_at}
 
     def _multiplexed_models(self) -> dict[str, LoadedCache]:
         wrapper = getattr(self._load_fn, _MULTIPLEX_ATTRIBUTE, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, Callable, TypeVar
@@ -96,8 +97,10 @@ class ModelReplica:
     per replica, called through a PipelineRunner), the artifact store, and the readiness probe."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
+        self.started_at = time.time()  # wall clock: compared with other processes' (scale-up timings)
         self.settings = ServiceSettings.model_validate(settings)
         self.runner = PipelineRunner(load_pipeline(self.settings))
+        self.model_load_s = time.time() - self.started_at
         self.store = artifact_store_from_config(self.settings.store)
 
     async def ready(self) -> dict[str, str]:
