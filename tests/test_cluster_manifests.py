@@ -181,3 +181,15 @@ def test_timeouts_cover_the_largest_request(full_unet) -> None:
     assert 5e12 < per_forward < 9e12  # SDXL's UNet at 1024 px: ~6.8 TFLOP per image and step
     largest = s.limits.max_prompts * s.defaults.steps * 2 * FORWARD_RATIO * per_forward  # 2: CFG
     assert largest / A10_PEAK_FLOPS < s.request_deadline_s
+
+
+def test_the_two_manifests_describe_the_same_cluster() -> None:
+    """KubeRay and the cluster launcher are two ways to run one design: same Ray, same worker
+    node shape and bounds, same object store."""
+    kuberay, vms = kuberay_workers(), launcher_workers()
+    assert (kuberay.gpus, kuberay.min_nodes, kuberay.max_nodes) == (vms.gpus, vms.min_nodes, vms.max_nodes)
+    assert kuberay.object_store_bytes == vms.object_store_bytes
+    assert kuberay.shm_bytes == vms.shm_bytes
+    ray_version = rayservice()["spec"]["rayClusterConfig"]["rayVersion"]
+    assert launcher()["docker"]["image"].startswith(f"rayproject/ray:{ray_version}-")
+    assert f"rayproject/ray:{ray_version}-" in (ROOT / "cluster" / "README.md").read_text()
