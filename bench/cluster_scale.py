@@ -27,6 +27,7 @@ from tempfile import TemporaryDirectory
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+import requests  # noqa: E402
 from service_helpers import http, post  # noqa: E402
 from simulated_cluster import (  # noqa: E402
     NODE_OBJECT_STORE_BYTES,
@@ -63,14 +64,19 @@ def generator_reports(count: int) -> dict[str, dict]:
 def clients(base_url: str, subject_id: str, concurrency: int, stop: threading.Event) -> list[float]:
     """`concurrency` clients sending one-image requests until `stop`; the times of the 200s."""
     done: list[float] = []
+    failures: list[str] = []
 
     def one() -> None:
         with http() as session:
             seed = 0
             while not stop.is_set():
                 body = {"prompts": [SCENE], "seeds": [seed % 8], "response_format": "b64_json"}
-                if post(session, f"{base_url}/v1/subjects/{subject_id}/images", body).status_code == 200:
-                    done.append(time.monotonic())
+                try:
+                    if post(session, f"{base_url}/v1/subjects/{subject_id}/images", body).status_code == 200:
+                        done.append(time.monotonic())
+                except requests.RequestException as error:
+                    failures.append(repr(error))
+                    stop.wait(1.0)
                 seed += 1
 
     threads = [threading.Thread(target=one, daemon=True) for _ in range(concurrency)]
@@ -79,6 +85,8 @@ def clients(base_url: str, subject_id: str, concurrency: int, stop: threading.Ev
     stop.wait()
     for thread in threads:
         thread.join(timeout=120)
+    if failures:
+        print(f"{len(failures)} requests failed, e.g. {failures[0]}", flush=True)
     return done
 
 
@@ -113,6 +121,7 @@ def scale_up() -> dict:
             load.result()
     if new_node_at is None or new is None:
         raise RuntimeError("the cluster did not scale up within the time allowed")
+    print("new replica's report:", json.dumps(new), flush=True)
     return {
         "node_start_s": new_node_at - started_at,  # load start -> the launched node is alive
         "replica_start_s": new["started_at"] - new_node_at,  # node alive -> replica process runs
@@ -127,10 +136,12 @@ def throughput(seconds: float) -> dict:
     layouts = {"1 replica, 1 node": (1, 1), "2 replicas, 2 nodes": (2, 1), "4 replicas, 2 nodes": (4, 2)}
     figures = {}
     with TemporaryDirectory() as root, fixed_cluster(head_cpus=2, workers=[{"num_gpus": 3}] * 2):
+        port = None
         for name, (replicas, per_node) in layouts.items():
             args = cluster_service_args({"kind": "local", "root": root}, generator={
                 "min_replicas": replicas, "max_replicas": replicas, "max_replicas_per_node": per_node})
-            base_url = start_serve(args)
+            base_url = start_serve(args, port)
+            port = int(base_url.rsplit(":", 1)[1])
             subject_id = create_subject(base_url)
             warm = threading.Event()
             threading.Timer(10.0, warm.set).start()
@@ -143,7 +154,7 @@ def throughput(seconds: float) -> dict:
             print(f"{name}: {figures[name]:.2f} images/s", flush=True)
             from ray import serve
 
-            serve.delete("consistory")
+            serve.delete("consistory")  # the next layout starts from fresh replicas
     return figures
 
 

@@ -73,15 +73,17 @@ def cluster_service_args(store: dict[str, Any], **overrides: Any) -> dict[str, A
     return args
 
 
-def start_serve(args: dict[str, Any]) -> str:
+def start_serve(args: dict[str, Any], port: Optional[int] = None) -> str:
     """Serve on the head node only (every simulated node shares one address, so one proxy),
-    the app deployed and ready; returns its base URL."""
+    the app deployed and ready; returns its base URL. With the `port` of a running Serve, the
+    app is redeployed there with the new args."""
     from ray import serve
 
     from deployments.local import run_app
 
-    port = free_port()
-    serve.start(proxy_location="HeadOnly", http_options={"host": LOOPBACK, "port": port})
+    if port is None:
+        port = free_port()
+        serve.start(proxy_location="HeadOnly", http_options={"host": LOOPBACK, "port": port})
     return run_app(args, name=APP, route_prefix="/", port=port, ready_timeout_s=300)
 
 
@@ -98,6 +100,11 @@ def fixed_cluster(head_cpus: float, workers: list[dict[str, Any]]) -> Iterator[A
         "num_cpus": head_cpus, "gcs_server_port": free_port(), "dashboard_agent_listen_port": free_port(),
         "include_dashboard": False, "object_store_memory": NODE_OBJECT_STORE_BYTES,
     })
+    # Cluster() records its address as this machine's "current" Ray, which any other `ray.init()`
+    # here would then join; the driver below connects by address, so forget it.
+    from ray._common.utils import reset_ray_address
+
+    reset_ray_address()
     try:
         for worker in workers:
             add_worker(cluster, **worker)

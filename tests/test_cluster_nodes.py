@@ -155,6 +155,8 @@ def test_a_cache_crosses_to_each_node_once_and_its_replicas_share_it(cluster, li
         # Each replica took the cache from the object store once, and nothing from elsewhere.
         assert all(load == {"object_store": 1} for load in loads), loads
         crossed = after[node_id] - before[node_id]
+        print(f"node {node_id[:8]} ({'owner' if node_id == owner_node else 'pulled'}): {crossed} bytes "
+              f"for a {cache_bytes}-byte cache, {len(answers)} requests")
         if node_id == owner_node:
             # Read in place from the shared memory the AnchorStage wrote it to.
             assert crossed < 0.05 * cache_bytes, (crossed, cache_bytes)
