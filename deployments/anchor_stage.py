@@ -20,12 +20,15 @@ from .images import encode_png
 from .messages import AnchorsResult, CacheHandle
 from .models import ModelReplica
 from .progress_stream import with_progress
-from .subjects import SubjectRecord, cache_key, save_record, sha256_of, subject_prefix
+from .subjects import SubjectRecord, cache_key, save_record, sha256_of, store_inputs, subject_prefix
+from .uploads import DEFAULT_SCALE, open_pngs
 
 
-def record_for(subject_id: str, cache, buffers, owner: Optional[str] = None) -> SubjectRecord:
-    """The subject record, read off the cache itself so the two can never disagree."""
+def record_for(subject_id: str, cache, buffers, owner: Optional[str] = None, **inputs: Any) -> SubjectRecord:
+    """The subject record, read off the cache itself so the two can never disagree; `inputs`:
+    the stored photos and controls with the controls' scale (`SubjectRecord`'s fields)."""
     return SubjectRecord(
+        **inputs,
         subject_id=subject_id,
         subjects=list(cache.subjects),
         prompts=list(cache.anchor_prompts),
@@ -44,17 +47,20 @@ def record_for(subject_id: str, cache, buffers, owner: Optional[str] = None) -> 
 @serve.deployment(name="AnchorStage")
 class AnchorStage(ModelReplica):
     async def create_stream(self, subject_id: str, prompts: list[str], subjects: list[str], seed: int,
-                            config: dict[str, Any], owner: Optional[str] = None):
+                            config: dict[str, Any], owner: Optional[str] = None, **uploads: Any):
         """`create`, streamed: step progress events, then the AnchorsResult (progress_stream.py)."""
         async for item in with_progress(
-            lambda on_step: self.create(subject_id, prompts, subjects, seed, config, owner, on_step)
+            lambda on_step: self.create(subject_id, prompts, subjects, seed, config, owner, on_step, **uploads)
         ):
             yield item
 
     async def create(
         self, subject_id: str, prompts: list[str], subjects: list[str], seed: int, config: dict[str, Any],
-        owner: Optional[str] = None, progress=None,
+        owner: Optional[str] = None, progress=None, photos: Optional[list[Optional[bytes]]] = None,
+        controls: Optional[list[Optional[bytes]]] = None, control_scale: float = DEFAULT_SCALE,
     ) -> AnchorsResult:
+        """The anchors; `photos` (one per anchor prompt) and `controls` (one per prompt) are PNG
+        bytes or None, as `uploads.decode_uploads` makes them."""
         from consistory import ConsiStoryConfig
 
         started = time.perf_counter()
@@ -70,9 +76,13 @@ class AnchorStage(ModelReplica):
             cache_device="cpu",
             cache_codec=self.settings.cache_codec,
             progress=progress,
+            images=await asyncio.to_thread(open_pngs, photos),
+            control_images=await asyncio.to_thread(open_pngs, controls),
+            controlnet_conditioning_scale=control_scale,
         )
         generated = time.perf_counter()
-        pngs, handle = await asyncio.to_thread(self._persist, subject_id, out, owner)
+        inputs = {"photos": photos, "controls": controls, "control_scale": control_scale if controls else None}
+        pngs, handle = await asyncio.to_thread(self._persist, subject_id, out, owner, inputs)
         return AnchorsResult(
             pngs=pngs,
             seeds=list(out.seeds),
@@ -84,13 +94,17 @@ class AnchorStage(ModelReplica):
             },
         )
 
-    def _persist(self, subject_id: str, out, owner: Optional[str]) -> tuple[list[bytes], CacheHandle]:
-        # The cache first, the record last: a record in the store means a complete subject.
-        # The store and the object store get the same chunks: one layout, one reader.
+    def _persist(self, subject_id: str, out, owner: Optional[str], inputs: dict[str, Any]
+                 ) -> tuple[list[bytes], CacheHandle]:
+        # The cache and the uploaded images first, the record last: a record in the store means
+        # a complete subject. The store and the object store get the same chunks.
         buffers = out.cache.to_buffers(self.settings.cache_chunk_bytes)
         try:
             self.store.put_parts(cache_key(subject_id), list(buffers), "application/octet-stream")
-            save_record(self.store, record_for(subject_id, out.cache, buffers, owner))
+            stored = {"photos": store_inputs(self.store, subject_id, "photo", inputs["photos"]),
+                      "controls": store_inputs(self.store, subject_id, "control", inputs["controls"]),
+                      "control_scale": inputs["control_scale"]}
+            save_record(self.store, record_for(subject_id, out.cache, buffers, owner, **stored))
         except BaseException:
             # A store that refused a write (a full disk, say) leaves no half subject behind.
             self.store.delete_prefix(subject_prefix(subject_id))

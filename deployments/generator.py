@@ -48,6 +48,7 @@ from .subjects import (
     sha256_of,
     subject_prefix,
 )
+from .uploads import DEFAULT_SCALE, open_png, rebuild_inputs
 
 logger = logging.getLogger("ray.serve")
 
@@ -93,13 +94,15 @@ class Generator(ModelReplica):
         self.rebuilds = 0  # caches this replica rebuilt
         self.rebuilt_by_others = 0  # caches it waited for while another replica rebuilt them
 
-    async def generate_stream(self, cache: Optional[CacheHandle], prompt: str, seed: int):
+    async def generate_stream(self, cache: Optional[CacheHandle], prompt: str, seed: int, **control: Any):
         """`generate`, streamed: step progress events, then the ImageResult (progress_stream.py)."""
-        async for item in with_progress(lambda on_step: self.generate(cache, prompt, seed, on_step)):
+        async for item in with_progress(lambda on_step: self.generate(cache, prompt, seed, on_step, **control)):
             yield item
 
-    async def generate(self, cache: Optional[CacheHandle], prompt: str, seed: int, progress=None) -> ImageResult:
-        """One new image of the subject named by the request's multiplexed model id."""
+    async def generate(self, cache: Optional[CacheHandle], prompt: str, seed: int, progress=None,
+                       control: Optional[bytes] = None, control_scale: float = DEFAULT_SCALE) -> ImageResult:
+        """One new image of the subject named by the request's multiplexed model id; `control`:
+        PNG bytes of a ControlNet control for it, or None."""
         subject_id = serve.get_multiplexed_model_id()
         if not subject_id:
             raise RuntimeError("Generator.generate needs handle.options(multiplexed_model_id=<subject id>)")
@@ -112,17 +115,19 @@ class Generator(ModelReplica):
             self._offered.pop(subject_id, None)  # never pin an object longer than needed
         await self._evict_over_budget()
         source = loaded.take_source()
+        cache_ready = time.perf_counter()
         if source != "replica":
             counts = self.loads.setdefault(subject_id, {})
             counts[source] = counts.get(source, 0) + 1
             self.load_seconds[subject_id] = cache_ready - started
-        cache_ready = time.perf_counter()
         count_cache_use(source)
         observe_stage("cache_load", cache_ready - started)
         set_cache_bytes(sum(m.nbytes for m in self._multiplexed_models().values()), self._replica_name)
         pipe = self.runner.pipeline
+        controls = None if control is None else [await asyncio.to_thread(open_png, control)]
         out = await self.runner.run(pipe.generate_from_anchors, loaded.cache, [prompt], [seed], output_type="pil",
-                                    progress=progress)
+                                    progress=progress, control_images=controls,
+                                    controlnet_conditioning_scale=control_scale)
         png = await asyncio.to_thread(encode_png, out.images[0])
         observe_stage("generation", time.perf_counter() - cache_ready)
         self.first_image_at = self.first_image_at or time.time()
@@ -251,6 +256,7 @@ class Generator(ModelReplica):
         from consistory import ConsiStoryConfig
 
         logger.warning("subject %s: rebuilding its cache from the record", record.subject_id)
+        inputs = await asyncio.to_thread(rebuild_inputs, self.store, record)  # photos and controls
         pipe = self.runner.pipeline
         out = await self.runner.run(
             pipe.create_anchors,
@@ -261,6 +267,7 @@ class Generator(ModelReplica):
             output_type="latent",  # only the cache is wanted; skip decoding the anchors
             cache_device="cpu",
             cache_codec=self.settings.cache_codec,
+            **inputs,
         )
         await asyncio.to_thread(self._persist_rebuilt, record, out.cache)
         self.rebuilds += 1

@@ -66,6 +66,7 @@ from .schemas import (
 )
 from .settings import ServiceSettings
 from .signed_urls import check_signature, signed_url
+from .uploads import Uploads, decode_uploads
 from .subjects import (
     OverQuota,
     SubjectRecord,
@@ -153,7 +154,7 @@ class Ingress:
         self._runners: dict[str, JobRunner] = {}
         # The constructor runs on the replica's event loop: jobs whose runner died are taken over.
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_jobs())
-        edge_limits.max_bytes = self.settings.limits.max_body_bytes
+        edge_limits.max_bytes = self.settings.body_limit
         edge_limits.deadline_s = self.settings.request_deadline_s
         edge_limits.retry_after_s = self.settings.retry_after_s
         self._tokenizer = _load_tokenizer(self.settings.model)
@@ -180,20 +181,22 @@ class Ingress:
         await self._check(body.prompts, body.subjects)
         config = request_config(body, n_anchors, self.settings)
         seed = first_seed(body.seed, len(body.prompts))
+        uploads = await asyncio.to_thread(decode_uploads, body, n_anchors, self.settings)
         subject_id, request_id = new_subject_id(), new_request_id()
         await self._claim(caller, subject_id)
         async with self._forgotten_on_failure(subject_id, caller.name):
-            return await self._story(body, subject_id, request_id, n_anchors, seed, config, caller, started)
+            return await self._story(body, subject_id, request_id, n_anchors, seed, config, caller, started, uploads)
 
     async def _story(self, body: StoryRequest, subject_id: str, request_id: str, n_anchors: int, seed: int,
-                     config, caller: Caller, started: float) -> ImagesResponse:
-        anchors = await self._anchors(subject_id, body.prompts[:n_anchors], body.subjects, seed, config, caller.name)
+                     config, caller: Caller, started: float, uploads: Uploads) -> ImagesResponse:
+        anchors = await self._anchors(subject_id, body.prompts[:n_anchors], body.subjects, seed, config, caller.name,
+                                      uploads.anchor_kwargs(n_anchors))
         anchors_done = time.perf_counter()
         first_new: list[float] = []
 
         async def new_image(index: int) -> ImageOut:
             image = await self._new_image(subject_id, request_id, index, body.prompts[index], seed + index,
-                                          body.response_format)
+                                          body.response_format, uploads.image_kwargs(index))
             first_new.append(time.perf_counter())
             return image
 
@@ -219,10 +222,12 @@ class Ingress:
         await self._check(body.prompts, body.subjects)
         config = request_config(body, len(body.prompts), self.settings)
         seed = first_seed(body.seed, len(body.prompts))
+        uploads = await asyncio.to_thread(decode_uploads, body, len(body.prompts), self.settings)
         subject_id, request_id = new_subject_id(), new_request_id()
         await self._claim(caller, subject_id)
         async with self._forgotten_on_failure(subject_id, caller.name):
-            anchors = await self._anchors(subject_id, body.prompts, body.subjects, seed, config, caller.name)
+            anchors = await self._anchors(subject_id, body.prompts, body.subjects, seed, config, caller.name,
+                                          uploads.anchor_kwargs(len(body.prompts)))
             images = await gather_in_order(
                 self._store_image(subject_id, request_id, i, prompt, anchors.seeds[i], png, body.response_format)
                 for i, (prompt, png) in enumerate(zip(body.prompts, anchors.pngs))
@@ -264,10 +269,11 @@ class Ingress:
         await self._check(body.prompts, record.subjects, subjects_checked=True)
         check_seeds(body.seeds, body.prompts)
         seeds = list(body.seeds) if body.seeds is not None else record.default_seeds(len(body.prompts))
+        uploads = await asyncio.to_thread(decode_uploads, body, 0, self.settings)
         request_id = new_request_id()
         checked = time.perf_counter()
         images = await gather_in_order(
-            self._new_image(subject_id, request_id, j, prompt, seeds[j], body.response_format)
+            self._new_image(subject_id, request_id, j, prompt, seeds[j], body.response_format, uploads.image_kwargs(j))
             for j, prompt in enumerate(body.prompts)
         )
         if not await asyncio.to_thread(self.store.exists, record_key(subject_id)):
@@ -377,10 +383,12 @@ class Ingress:
             record = await self._record(body.subject_id, caller)
             await self._check(body.prompts, record.subjects, subjects_checked=True)
             check_seeds(body.seeds, body.prompts)
+            await asyncio.to_thread(decode_uploads, body, 0, self.settings)
             return JobRecord(**common, subject_id=body.subject_id, images_total=len(body.prompts))
         n_anchors = len(body.prompts) if kind == "subject" else self._story_anchors(body)
         await self._check(body.prompts, body.subjects)
         request_config(body, n_anchors, self.settings)
+        await asyncio.to_thread(decode_uploads, body, n_anchors, self.settings)
         total = n_anchors if kind == "subject" else len(body.prompts)
         return JobRecord(**common, subject_id=new_subject_id(), n_anchors=n_anchors,
                          seed=first_seed(body.seed, len(body.prompts)), images_total=total)
@@ -480,6 +488,13 @@ class Ingress:
         body = (StoryRequest if job.kind == "story" else SubjectRequest).model_validate(job.request)
         return body.prompts, job.n_anchors, job.seed, request_config(body, job.n_anchors, self.settings)
 
+    def job_uploads(self, job: JobRecord) -> Uploads:
+        """The job's photos and controls, decoded again from its stored request (checked when
+        it was accepted)."""
+        kinds = {"story": StoryRequest, "subject": SubjectRequest, "images": ImagesRequest}
+        body = kinds[job.kind].model_validate({k: v for k, v in job.request.items() if k != "subject_id"})
+        return decode_uploads(body, job.n_anchors or 0, self.settings)
+
     async def owned_record(self, subject_id: str, owner: Optional[str]) -> SubjectRecord:
         return await self._record(subject_id, Caller(name=owner, admin=owner is None))
 
@@ -540,9 +555,10 @@ class Ingress:
         return _ForgetOnFailure(self, subject_id, owner)
 
     async def _anchors(self, subject_id: str, prompts: list[str], subjects: list[str], seed: int, config,
-                       owner: Optional[str]) -> "AnchorsResult":
+                       owner: Optional[str], uploads: Optional[dict] = None) -> "AnchorsResult":
         made = asyncio.ensure_future(call(
-            lambda: self.anchor_stage.create.remote(subject_id, prompts, subjects, seed, config.to_dict(), owner),
+            lambda: self.anchor_stage.create.remote(subject_id, prompts, subjects, seed, config.to_dict(), owner,
+                                                    **(uploads or {})),
             "anchor stage",
             self.settings.retry_after_s,
         ))
@@ -572,11 +588,11 @@ class Ingress:
             logger.exception("could not remove subject %s after its client left", subject_id)
 
     async def _new_image(self, subject_id: str, request_id: str, index: int, prompt: str, seed: int,
-                         response_format: str) -> ImageOut:
+                         response_format: str, control: Optional[dict] = None) -> ImageOut:
         cache = self.refs.get(subject_id)
         handle = self.generator.options(multiplexed_model_id=subject_id)
         result: ImageResult = await call(
-            lambda: handle.generate.remote(cache, prompt, seed), "generator", self.settings.retry_after_s
+            lambda: handle.generate.remote(cache, prompt, seed, **(control or {})), "generator", self.settings.retry_after_s
         )
         count_images("new")
         if cache is not None and result.cache_source in ("artifact_store", "rebuilt"):

@@ -150,15 +150,17 @@ class JobRunner:
         job, ingress = self.job, self.ingress
         body = job.request
         done = {i["index"] for i in job.images}
+        uploads = await asyncio.to_thread(ingress.job_uploads, job)
         if job.kind == "images":
             record = await ingress.owned_record(job.subject_id, job.owner)
             seeds = body.get("seeds") or record.default_seeds(len(body["prompts"]))
             await asyncio.gather(*[
-                self._new_image(j, prompt, seeds[j]) for j, prompt in enumerate(body["prompts"]) if j not in done])
+                self._new_image(j, prompt, seeds[j], uploads.image_kwargs(j)) for j, prompt in enumerate(body["prompts"]) if j not in done])
             return
         prompts, n_anchors, seed, config = ingress.job_plan(job)
         if not await asyncio.to_thread(self.store.exists, record_key(job.subject_id)):
-            anchors = await self._anchors(prompts[:n_anchors], body["subjects"], seed, config)
+            anchors = await self._anchors(prompts[:n_anchors], body["subjects"], seed, config,
+                                          uploads.anchor_kwargs(n_anchors))
             for i, png in enumerate(anchors.pngs):
                 entry = await ingress.store_job_image(job, i, prompts[i], anchors.seeds[i], png)
                 await self._image_stored(entry)
@@ -166,16 +168,16 @@ class JobRunner:
             if job.kind == "subject":
                 observe_time_to_consistent_subject(time.perf_counter() - self._started)
         if job.kind == "story":
-            await asyncio.gather(*[self._new_image(i, prompts[i], seed + i)
+            await asyncio.gather(*[self._new_image(i, prompts[i], seed + i, uploads.image_kwargs(i))
                                    for i in range(n_anchors, len(prompts)) if i not in done])
 
-    async def _anchors(self, prompts, subjects, seed, config) -> AnchorsResult:
+    async def _anchors(self, prompts, subjects, seed, config, uploads: dict) -> AnchorsResult:
         job, ingress = self.job, self.ingress
         indices = list(range(len(prompts)))
 
         async def streamed() -> AnchorsResult:
             stream = ingress.anchor_stage.options(stream=True).create_stream.remote(
-                job.subject_id, prompts, subjects, seed, config.to_dict(), job.owner)
+                job.subject_id, prompts, subjects, seed, config.to_dict(), job.owner, **uploads)
             async for item in stream:
                 if isinstance(item, dict):
                     await self._on_step(indices, item)
@@ -187,13 +189,13 @@ class JobRunner:
         ingress.refs.put(job.subject_id, result.cache)
         return result
 
-    async def _new_image(self, index: int, prompt: str, seed: int) -> None:
+    async def _new_image(self, index: int, prompt: str, seed: int, control: dict) -> None:
         job, ingress = self.job, self.ingress
         cache = ingress.refs.get(job.subject_id)
         handle = ingress.generator.options(multiplexed_model_id=job.subject_id, stream=True)
 
         async def streamed() -> ImageResult:
-            async for item in handle.generate_stream.remote(cache, prompt, seed):
+            async for item in handle.generate_stream.remote(cache, prompt, seed, **control):
                 if isinstance(item, dict):
                     await self._on_step([index], item)
                 else:

@@ -67,6 +67,12 @@ def load_pipeline(settings: ServiceSettings):
         if settings.variant:
             kwargs["variant"] = settings.variant
         pipe = ConsiStoryPipeline.from_pretrained(settings.model, **kwargs).to(device)
+    if settings.controlnet:
+        from consistory.controlnets import load_controlnet
+
+        # "preset:tiny" builds the seeded random ControlNet of the CLI's `--controlnet tiny`.
+        pipe.controlnet = load_controlnet(settings.controlnet_id, pipe.sdxl.unet)
+        logger.info("loaded ControlNet %s", settings.controlnet)
     pipe.set_progress_bar_config(disable=True)
     logger.info("loaded %s on %s (%s)", pipe.model_id, device, dtype)
     return pipe

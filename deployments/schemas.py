@@ -24,6 +24,12 @@ MAX_LIST = 64
 
 _PROMPTS = "Prompts, in order; each must contain at least one of the subject words."
 _SUBJECTS = "Subject words or phrases kept consistent across images, e.g. [\"corgi\"]."
+# An uploaded image in base64 (the body limit bounds it first; `limits.max_image_bytes` after).
+B64Image = Annotated[str, Field(max_length=512 * 2**20)]
+_IMAGES = ("Photo anchors: one entry per anchor prompt, a base64 PNG or JPEG of the subject that prompt "
+           "describes, or null for an anchor generated from its prompt.")
+_CONTROLS = ("ControlNet controls (pose, depth, edges): one entry per prompt, a base64 PNG or JPEG, or null "
+             "for none. Only on a service with a ControlNet configured.")
 _FORMAT = "\"url\" (default): each image as a URL; \"b64_json\": each image as base64 PNG."
 
 
@@ -45,7 +51,18 @@ class SamplingFields(_Body):
     response_format: ResponseFormat = Field("url", description=_FORMAT)
 
 
-class StoryRequest(SamplingFields):
+class ControlFields(_Body):
+    controls: Optional[list[Optional[B64Image]]] = Field(None, max_length=MAX_LIST, description=_CONTROLS)
+    controlnet_conditioning_scale: Optional[float] = Field(
+        None, ge=0, le=10, description="How strongly the controls steer the images (default 1.0)."
+    )
+
+
+class PhotoFields(ControlFields):
+    images: Optional[list[Optional[B64Image]]] = Field(None, max_length=MAX_LIST, description=_IMAGES)
+
+
+class StoryRequest(PhotoFields, SamplingFields):
     prompts: list[Prompt] = Field(..., min_length=1, max_length=MAX_LIST,
                                   description=_PROMPTS + " The first n_anchors are the anchors.")
     subjects: list[Subject] = Field(..., min_length=1, max_length=MAX_LIST, description=_SUBJECTS)
@@ -53,12 +70,12 @@ class StoryRequest(SamplingFields):
                                      description="How many leading prompts are anchors (at most all of them).")
 
 
-class SubjectRequest(SamplingFields):
+class SubjectRequest(PhotoFields, SamplingFields):
     prompts: list[Prompt] = Field(..., min_length=1, max_length=MAX_LIST, description="The anchor prompts. " + _PROMPTS)
     subjects: list[Subject] = Field(..., min_length=1, max_length=MAX_LIST, description=_SUBJECTS)
 
 
-class ImagesRequest(_Body):
+class ImagesRequest(ControlFields):
     prompts: list[Prompt] = Field(..., min_length=1, max_length=MAX_LIST, description=_PROMPTS)
     seeds: Optional[list[Seed]] = Field(
         None, max_length=MAX_LIST, description="One seed per prompt; by default they continue the anchors' seeds."

@@ -62,8 +62,17 @@ class RequestLimits(_Strict):
     max_subject_chars: int = Field(100, ge=1)
     max_subject_words: int = Field(8, ge=1)
     max_guidance_scale: float = Field(30.0, gt=0, allow_inf_nan=False)
-    # Larger bodies get 413 before they are parsed; a full request at the largest limits is ~20 KB.
-    max_body_bytes: ByteSize = 64 * 1024
+    # Each uploaded image (a photo anchor or a ControlNet control, base64 PNG or JPEG): at most
+    # this many bytes (decoded) and this many pixels (width x height).
+    max_image_bytes: ByteSize = 4 * 10**6
+    max_image_pixels: int = Field(2048 * 2048, ge=1)
+    # Larger bodies get 413 before they are parsed. Unset, it is computed (`body_limit`): 64 KiB
+    # of text (a full request at the largest limits is ~20 KB) plus the base64 of as many images
+    # as a request can carry at `max_image_bytes` each.
+    max_body_bytes: Optional[ByteSize] = None
+
+
+TEXT_BODY_BYTES = 64 * 1024
 
 
 class DeploymentResources(_Strict):
@@ -130,6 +139,10 @@ class ServiceSettings(_Strict):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
     variant: Optional[str] = None  # e.g. "fp16" for SDXL base's half-precision weight files
     torch_threads: Optional[int] = Field(None, ge=1)  # per model replica; None leaves torch's choice
+    # A ControlNet for the requests' `controls`: None (requests with controls get 422),
+    # "preset:tiny" (a seeded random ControlNet on a preset's UNet, as the CLI's `--controlnet
+    # tiny`; "preset:tiny:<seed>"), a hub id of an SDXL ControlNet, or a local directory.
+    controlnet: Optional[str] = None
     # Extra ConsiStoryConfig fields applied to every request (e.g. {"freeu": false}).
     method: dict[str, Any] = Field(default_factory=dict)
     defaults: RequestDefaults = RequestDefaults()
@@ -195,7 +208,26 @@ class ServiceSettings(_Strict):
             if value > bound:
                 raise ValueError(f"defaults.{name} ({value}) is above its limit ({bound})")
         self.base_config()  # the method's own checks (multiples of 8, ranges) at build time
+        self.controlnet_id  # a malformed "preset:..." fails here, not in a replica
         return self
+
+    @property
+    def controlnet_id(self) -> Optional[str]:
+        """`controlnet` as the library's loader takes it ("preset:tiny" -> "preset:tiny:0")."""
+        if self.controlnet and self.controlnet.startswith(PRESET_PREFIX):
+            name, seed = preset_name_and_seed(self.controlnet)
+            return f"{PRESET_PREFIX}{name}:{seed}"
+        return self.controlnet
+
+    @property
+    def body_limit(self) -> int:
+        """Bytes a request body may have: `limits.max_body_bytes`, or computed from the image
+        limits (a photo per anchor, and with a ControlNet a control per prompt, in base64)."""
+        lim = self.limits
+        if lim.max_body_bytes is not None:
+            return lim.max_body_bytes
+        images = lim.max_anchors + (lim.max_prompts if self.controlnet else 0)
+        return TEXT_BODY_BYTES + images * (4 * -(-lim.max_image_bytes // 3) + 64)
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> "ServiceSettings":

@@ -8,6 +8,8 @@ record, not the cache, is the subject's source of truth. Keys:
                                               the subject is complete)
     subjects/<id>/anchor_cache.safetensors    the anchor cache
     subjects/<id>/images/<request>/<i>.png    images, by request and prompt index
+    subjects/<id>/inputs/<kind>-<i>.png       uploaded photo anchors and anchor controls (what
+                                              a rebuild needs besides the record), as PNG
 """
 
 from __future__ import annotations
@@ -42,6 +44,15 @@ class UnknownSubject(KeyError):
         )
 
 
+class StoredImage(BaseModel):
+    """An uploaded image the subject was made with, stored under the subject's prefix."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    key: str
+    sha256: str
+
+
 class SubjectRecord(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -58,6 +69,11 @@ class SubjectRecord(BaseModel):
     cache_sha256: Optional[str] = None  # of the stored cache file; a cache that differs is rebuilt
     rebuilds: int = 0  # how often the cache was rebuilt from this record
     owner: Optional[str] = None  # the API key's name that made it (None with auth off)
+    # Photo anchors (one per anchor prompt, None where generated) and the anchors' ControlNet
+    # controls with their scale: absent for a subject made from prompts alone.
+    photos: Optional[list[Optional[StoredImage]]] = None
+    controls: Optional[list[Optional[StoredImage]]] = None
+    control_scale: Optional[float] = None
     format: str = RECORD_FORMAT
     version: int = RECORD_VERSION
 
@@ -102,6 +118,48 @@ def cache_key(subject_id: str) -> str:
 
 def image_key(subject_id: str, request_id: str, index: int) -> str:
     return f"subjects/{subject_id}/images/{request_id}/{index:03d}.png"
+
+
+def input_key(subject_id: str, kind: str, index: int) -> str:
+    return f"subjects/{subject_id}/inputs/{kind}-{index:03d}.png"
+
+
+def store_inputs(store: ArtifactStore, subject_id: str, kind: str,
+                 pngs: Optional[list[Optional[bytes]]]) -> Optional[list[Optional[StoredImage]]]:
+    """Store a subject's uploaded images ("photo" or "control"), each with its sha256."""
+    if pngs is None:
+        return None
+    stored: list[Optional[StoredImage]] = []
+    for i, png in enumerate(pngs):
+        if png is None:
+            stored.append(None)
+            continue
+        key = input_key(subject_id, kind, i)
+        store.put(key, png, "image/png")
+        stored.append(StoredImage(key=key, sha256=hashlib.sha256(png).hexdigest()))
+    return stored
+
+
+class MissingInput(Exception):
+    """A stored photo or control a subject was made with is gone or does not match its record."""
+
+
+def load_inputs(store: ArtifactStore, stored: Optional[list[Optional[StoredImage]]]) -> Optional[list[Optional[bytes]]]:
+    if stored is None:
+        return None
+    pngs: list[Optional[bytes]] = []
+    for item in stored:
+        if item is None:
+            pngs.append(None)
+            continue
+        try:
+            png = store.get(item.key)
+        except ArtifactNotFound:
+            raise MissingInput(f"{item.key} is missing") from None
+        if hashlib.sha256(png).hexdigest() != item.sha256:
+            raise MissingInput(f"{item.key} does not match the sha256 in its record")
+        pngs.append(png)
+    return pngs
 
 
 _REQUEST_ID = re.compile(r"[0-9]{13}-[0-9a-f]{8}")

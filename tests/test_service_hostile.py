@@ -57,7 +57,9 @@ def service(store_root: Path):
         request_deadline_s=DEADLINE_S,
         ready_cache_s=0.5,
         # Room for a request that outlasts the deadline: 256 px, 50 steps.
-        limits={"max_prompts": 6, "max_height": 256, "max_width": 256, "max_steps": 50},
+        # A fixed body limit (unset, it grows with the image limits): the oversized-body test
+        # sends text bodies a few hundred KB large.
+        limits={"max_prompts": 6, "max_height": 256, "max_width": 256, "max_steps": 50, "max_body_bytes": "64KiB"},
     )
     with local_service(args) as base_url:
         yield base_url
