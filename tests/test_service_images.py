@@ -199,3 +199,22 @@ def test_controls_on_a_service_without_a_controlnet_are_refused():
         with pytest.raises(HTTPException) as raised:
             decode_uploads(body, 0, ServiceSettings())
         assert raised.value.status_code == 422 and "no ControlNet configured" in raised.value.detail
+
+
+def test_a_story_job_with_a_photo_and_controls_equals_the_librarys(client, service, library):
+    import time
+
+    story = {"prompts": ANCHORS + NEW[:1], "subjects": SUBJECTS, "seed": 11, "n_anchors": 2,
+             "images": [_b64(PHOTO), None], "controls": [None, None, _b64(CONTROL_A)], "response_format": "b64_json"}
+    response = post(client, f"{service}/v1/jobs", {"story": story})
+    assert response.status_code == 202, response.text[:300]
+    job_url = f"{service}/v1/jobs/{response.json()['job_id']}"
+    deadline = time.monotonic() + 120
+    while (state := ok_json(client.get(job_url, timeout=30)))["status"] not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, "the job did not finish in 120 s"
+        time.sleep(0.5)
+    assert state["status"] == "succeeded", state
+    anchors = library.create_anchors(ANCHORS, SUBJECTS, 11, CONFIG, images=[PHOTO, None])
+    new = library.generate_from_anchors(anchors.cache, NEW[:1], seeds=[13], control_images=[CONTROL_A])
+    for got, want in zip(_pixels(client, state["result"]), anchors.images + new.images):
+        assert_same_pixels(got, want)
