@@ -63,11 +63,13 @@ def cluster_service_args(store: dict[str, Any], **overrides: Any) -> dict[str, A
         log_encoding="TEXT",
         auth={"enabled": False},
     )
-    # A quarter CPU per model replica: three of them fill a worker node's one declared CPU, so
-    # the Ingress (half a CPU) always lands on the head node.
-    args["ingress"] = {**args["ingress"], "num_cpus": 0.5, "min_replicas": 1, "max_replicas": 1}
-    args["anchor_stage"] = {**args["anchor_stage"], "num_cpus": 0.25, "min_replicas": 1, "max_replicas": 1}
-    args["generator"] = {**args["generator"], "num_cpus": 0.25}
+    # One (logical) CPU per model replica and one per declared GPU on the workers, as in the
+    # manifests, where model replicas fill a GPU node: the Ingress always lands on the head and
+    # a lost GPU node never takes an Ingress with it. A worker here may keep a GPU free (room for
+    # the AnchorStage), so the Ingress asks for more than that one CPU.
+    args["ingress"] = {**args["ingress"], "num_cpus": 1.5, "min_replicas": 1, "max_replicas": 1}
+    args["anchor_stage"] = {**args["anchor_stage"], "num_cpus": 1, "min_replicas": 1, "max_replicas": 1}
+    args["generator"] = {**args["generator"], "num_cpus": 1}
     for key, value in overrides.items():
         args[key] = {**args[key], **value} if isinstance(value, dict) and isinstance(args.get(key), dict) else value
     return args
@@ -120,8 +122,9 @@ def fixed_cluster(head_cpus: float, workers: list[dict[str, Any]]) -> Iterator[A
 
 
 def add_worker(cluster: Any, **node_args: Any) -> Any:
-    """One more worker node on loopback; returns its Node (for `cluster.remove_node`)."""
-    defaults = {"num_cpus": 1, "object_store_memory": NODE_OBJECT_STORE_BYTES}
+    """One more worker node, by default with a logical CPU per GPU; returns its Node (for
+    `cluster.remove_node`)."""
+    defaults = {"num_cpus": node_args.get("num_gpus", 1), "object_store_memory": NODE_OBJECT_STORE_BYTES}
     return cluster.add_node(**{**defaults, **node_args})
 
 

@@ -30,7 +30,7 @@ from test_cluster_nodes import SCENES, check_answers, create_subject
 
 pytestmark = pytest.mark.cluster
 
-WORKER = {"resources": {"CPU": 1, "GPU": 1, "object_store_memory": NODE_OBJECT_STORE_BYTES},
+WORKER = {"resources": {"CPU": 1, "GPU": 1, "object_store_memory": NODE_OBJECT_STORE_BYTES},  # as the manifests
           "node_config": {}, "min_workers": 2, "max_workers": 4}
 IDLE_TIMEOUT_MINUTES = 0.1  # an idle node goes after 6 s (production: 10 minutes)
 MAX_GENERATORS = 3  # with the AnchorStage, the GPUs of all four nodes

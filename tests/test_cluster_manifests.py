@@ -69,7 +69,8 @@ def kuberay_workers() -> WorkerGroup:
     (shm,) = [v["emptyDir"]["sizeLimit"] for v in pod["volumes"] if v["name"] == "dshm"]
     params = group["rayStartParams"]
     assert float(params["num-gpus"]) == float(limits["nvidia.com/gpu"])
-    return WorkerGroup(float(limits["nvidia.com/gpu"]), quantity(limits["cpu"]), int(params["object-store-memory"]),
+    assert float(params["num-cpus"]) <= quantity(limits["cpu"])
+    return WorkerGroup(float(limits["nvidia.com/gpu"]), float(params["num-cpus"]), int(params["object-store-memory"]),
                        int(quantity(shm)), int(quantity(limits["memory"])), group["minReplicas"], group["maxReplicas"])
 
 
@@ -114,10 +115,14 @@ def test_cluster_launcher_is_valid_for_the_ray_autoscaler() -> None:
 
 
 @pytest.mark.parametrize("manifest", GROUPS)
-def test_every_model_replica_fits_a_worker_node(manifest: str) -> None:
+def test_every_model_replica_fits_a_worker_node_and_no_ingress_does(manifest: str) -> None:
+    """A GPU node's logical CPUs are what its model replicas ask for: an Ingress never lands on
+    one, so losing a GPU node never cuts the requests in flight through an Ingress."""
     workers, s = GROUPS[manifest](), settings()
     for deployment in (s.anchor_stage, s.generator):
         assert 0 < deployment.num_gpus <= workers.gpus and deployment.num_cpus <= workers.cpus
+        replicas_per_node = math.floor(workers.gpus / deployment.num_gpus)
+        assert workers.cpus - replicas_per_node * deployment.num_cpus < s.ingress.num_cpus
 
 
 def test_ingress_fits_the_head_node() -> None:
