@@ -186,6 +186,9 @@ BAD_REQUESTS = [
     # The subject word is present but past CLIP's 77 tokens: the library itself refuses it.
     (STORY, {**GOOD, "prompts": ["a photo of a cat", "a " * 90 + "cat"]}, 422, "none of the subjects"),
     ("/v1/subjects", {**GOOD, "prompts": ["a cat"] * 5}, 422, "too many anchors"),
+    # This service has no ControlNet: controls are refused before any image is decoded.
+    (STORY, {**GOOD, "controls": [None] * len(GOOD["prompts"])}, 422, "no ControlNet configured"),
+    ("/v1/subjects", {**GOOD, "controlnet_conditioning_scale": 0.5}, 422, "no ControlNet configured"),
     (f"/v1/subjects/{UNKNOWN}/images", {"prompts": ["a cat"]}, 404, "no subject with id"),
     ("/v1/subjects/not-an-id/images", {"prompts": ["a cat"]}, 404, "no subject with id"),
 ]
