@@ -158,10 +158,20 @@ def test_a_storyboard_from_subject_to_deletion(service, browser, tmp_path):
     by_css(browser, "#subject-form details.settings summary").click()
     type_into(browser, "#subject-form [name=seed]", "5")
     type_into(browser, "#subject-form [name=steps]", str(STEPS))
-    browser.execute_script(  # every state a frame shows, however briefly
-        "window.states = []; new MutationObserver(() => document.querySelectorAll('#frames .state')"
-        ".forEach(s => window.states.push(s.textContent))).observe(document.getElementById('frames'),"
-        " {subtree: true, childList: true, characterData: true})")
+    # Every state a frame shows, however briefly: each text a `.state` element is given, read from
+    # the mutation records (a burst of replayed events may set several before the observer runs).
+    browser.execute_script("""
+        window.states = [];
+        const isState = node => node && node.nodeType === Node.ELEMENT_NODE && node.classList.contains('state');
+        new MutationObserver(records => { for (const r of records) {
+          if (r.type === 'characterData' && isState(r.target.parentNode)) window.states.push(r.target.data);
+          for (const n of r.addedNodes) {
+            if (n.nodeType === Node.TEXT_NODE && isState(r.target)) window.states.push(n.data);
+            if (n.nodeType === Node.ELEMENT_NODE)
+              [n, ...n.querySelectorAll('.state')].filter(isState).forEach(s => window.states.push(s.textContent));
+          }
+        }}).observe(document.getElementById('frames'), {subtree: true, childList: true, characterData: true});
+    """)
     by_css(browser, "#create-subject").click()
     loaded_images(browser, 2)
     summary = by_css(browser, "#story-summary").text
