@@ -94,8 +94,7 @@ def start_serve(args: dict[str, Any], port: Optional[int] = None) -> str:
 def fixed_cluster(head_cpus: float, workers: list[dict[str, Any]]) -> Iterator[Any]:
     """A head node and `workers` (RayParams keyword arguments each, e.g. num_gpus), with the
     driver connected. Yields the `ray.cluster_utils.Cluster`; shut down afterwards."""
-    import ray
-    from ray import serve
+    from ray._common.utils import reset_ray_address
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -104,21 +103,30 @@ def fixed_cluster(head_cpus: float, workers: list[dict[str, Any]]) -> Iterator[A
     })
     # Cluster() records its address as this machine's "current" Ray, which any other `ray.init()`
     # here would then join; the driver below connects by address, so forget it.
-    from ray._common.utils import reset_ray_address
-
     reset_ray_address()
     try:
         for worker in workers:
             add_worker(cluster, **worker)
         cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False,
-                 runtime_env={"env_vars": blank_store_env()})
-        yield cluster
+        with _driver(cluster.address):
+            yield cluster
+    finally:
+        cluster.shutdown()
+
+
+@contextlib.contextmanager
+def _driver(address: str) -> Iterator[None]:
+    """This process connected as the cluster's driver; Serve and the connection shut down after."""
+    import ray
+    from ray import serve
+
+    ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": blank_store_env()})
+    try:
+        yield
     finally:
         with contextlib.suppress(Exception):
             serve.shutdown()
         ray.shutdown()
-        cluster.shutdown()
 
 
 def add_worker(cluster: Any, **node_args: Any) -> Any:
@@ -264,18 +272,12 @@ def _gcs_answers(address: str) -> bool:
 def autoscaling_cluster(head: dict[str, float], worker_types: dict[str, Any],
                         idle_timeout_minutes: float) -> Iterator[AutoscalingCluster]:
     """The autoscaling cluster with the driver connected; everything it started is stopped."""
-    import ray
-    from ray import serve
-
     cluster = AutoscalingCluster(head, worker_types, idle_timeout_minutes)
     try:
         cluster.start()
-        ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": blank_store_env()})
-        yield cluster
+        with _driver(cluster.address):
+            yield cluster
     finally:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        ray.shutdown()
         cluster.stop()
 
 
