@@ -71,6 +71,11 @@ class ControlSignal:
         # As diffusers: a ControlNet trained with global pooling runs in guess mode, on the
         # conditional rows only.
         self.guess_mode = bool(getattr(controlnet.config, "global_pool_conditions", False))
+        # The CFG rows [uncond, cond] (2B of them) ControlNet runs on, and their images: the
+        # same at every step.
+        cond_rows = [n_images + r for r in rows]
+        self._cfg_rows = cond_rows if self.guess_mode else rows + cond_rows
+        self._cfg_images = images if self.guess_mode else torch.cat([images, images])
 
     @classmethod
     def prepare(cls, controlnet, control_images: list[Any] | None, height: int, width: int, vae_scale_factor: int,
@@ -104,15 +109,12 @@ class ControlSignal:
         scale = self.settings.scale_at(step, steps)
         if scale == 0.0:
             return {}
-        b = self.n_images
-        cond_rows = [b + r for r in self.rows]
-        rows = cond_rows if self.guess_mode else self.rows + cond_rows
-        images = self.images if self.guess_mode else torch.cat([self.images, self.images])
+        b, rows = self.n_images, self._cfg_rows
         down, mid = self.controlnet(
             x[rows],
             t,
             encoder_hidden_states=cond.prompt_embeds[rows],
-            controlnet_cond=images,
+            controlnet_cond=self._cfg_images,
             conditioning_scale=scale,
             guess_mode=self.guess_mode,
             added_cond_kwargs={"text_embeds": cond.text_embeds[rows], "time_ids": cond.time_ids[rows]},

@@ -81,8 +81,8 @@ class AnchorStage(ModelReplica):
             controlnet_conditioning_scale=control_scale,
         )
         generated = time.perf_counter()
-        inputs = {"photos": photos, "controls": controls, "control_scale": control_scale if controls else None}
-        pngs, handle = await asyncio.to_thread(self._persist, subject_id, out, owner, inputs)
+        pngs, handle = await asyncio.to_thread(self._persist, subject_id, out, owner, photos, controls,
+                                               control_scale if controls else None)
         return AnchorsResult(
             pngs=pngs,
             seeds=list(out.seeds),
@@ -94,17 +94,19 @@ class AnchorStage(ModelReplica):
             },
         )
 
-    def _persist(self, subject_id: str, out, owner: Optional[str], inputs: dict[str, Any]
+    def _persist(self, subject_id: str, out, owner: Optional[str], photos, controls, control_scale: Optional[float]
                  ) -> tuple[list[bytes], CacheHandle]:
         # The cache and the uploaded images first, the record last: a record in the store means
         # a complete subject. The store and the object store get the same chunks.
         buffers = out.cache.to_buffers(self.settings.cache_chunk_bytes)
         try:
             self.store.put_parts(cache_key(subject_id), list(buffers), "application/octet-stream")
-            stored = {"photos": store_inputs(self.store, subject_id, "photo", inputs["photos"]),
-                      "controls": store_inputs(self.store, subject_id, "control", inputs["controls"]),
-                      "control_scale": inputs["control_scale"]}
-            save_record(self.store, record_for(subject_id, out.cache, buffers, owner, **stored))
+            save_record(self.store, record_for(
+                subject_id, out.cache, buffers, owner,
+                photos=store_inputs(self.store, subject_id, "photo", photos),
+                controls=store_inputs(self.store, subject_id, "control", controls),
+                control_scale=control_scale,
+            ))
         except BaseException:
             # A store that refused a write (a full disk, say) leaves no half subject behind.
             self.store.delete_prefix(subject_prefix(subject_id))

@@ -18,3 +18,12 @@ def tiny_pipe():
     pipe = ConsiStoryPipeline.from_preset("tiny", seed=0)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture
+def client():
+    """An HTTP session to a service on loopback, as the service suites' clients use."""
+    from service_helpers import http
+
+    with http() as session:
+        yield session

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 from service_helpers import (
     REQUEST_TIMEOUT_S,
     SIZE,
@@ -67,17 +66,9 @@ def service(store_root: Path):
 
 
 @pytest.fixture(scope="module")
-def library() -> ConsiStoryPipeline:
+def library(tiny_pipe) -> ConsiStoryPipeline:
     """The same tiny model in this process: what the service must agree with."""
-    pipe = ConsiStoryPipeline.from_preset("tiny", seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture
-def client() -> requests.Session:
-    with http() as session:
-        yield session
+    return tiny_pipe
 
 
 def _create_subject(client, service, seed: int) -> dict:

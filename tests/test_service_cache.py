@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import requests
 from safetensors import safe_open
 from service_helpers import (
     SIZE,
@@ -18,7 +17,6 @@ from service_helpers import (
     assert_same_pixels,
     blank_store_env,
     free_port,
-    http,
     image_pixels,
     ok_json,
     post,
@@ -39,10 +37,9 @@ CHUNK = 8 * 1024
 
 
 @pytest.fixture(scope="module")
-def library() -> ConsiStoryPipeline:
-    pipe = ConsiStoryPipeline.from_preset("tiny", seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def library(tiny_pipe) -> ConsiStoryPipeline:
+    """The same tiny model in this process: what the service must agree with."""
+    return tiny_pipe
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +73,6 @@ def service(store_root: Path, cache_bytes: int):
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-@pytest.fixture
-def client() -> requests.Session:
-    with http() as session:
-        yield session
 
 
 def _expected(library, seed: int):

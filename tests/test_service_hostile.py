@@ -70,12 +70,6 @@ def library(tiny_pipe):
     return tiny_pipe
 
 
-@pytest.fixture
-def client() -> requests.Session:
-    with http() as session:
-        yield session
-
-
 def _create(client, service, seed: int) -> str:
     # Anchors of stories stopped by the tests above still finish on the AnchorStage (they are
     # shielded, so nothing is left half-persisted): until they have, a new subject can pass the

@@ -13,13 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 from PIL import Image
 from service_helpers import (
     SIZE,
     STEPS,
     assert_same_pixels,
-    http,
     image_pixels,
     local_service,
     ok_json,
@@ -83,12 +81,6 @@ def library() -> ConsiStoryPipeline:
     pipe.controlnet = load_controlnet("preset:tiny:0", pipe.sdxl.unet)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-@pytest.fixture
-def client() -> requests.Session:
-    with http() as session:
-        yield session
 
 
 def _pixels(client, answer: dict) -> list[np.ndarray]:
