@@ -42,7 +42,7 @@ from .jobs import (
     load_job,
     new_job_id,
     request_cancel,
-    save_job,
+    save_new_job,
 )
 from .messages import AnchorsResult, ImageResult
 from .metrics import count_images, count_job, observe_stage, observe_time_to_consistent_subject
@@ -406,7 +406,7 @@ class Ingress:
     def _save_new_job(self, job: JobRecord) -> None:
         count_job("queued")
         append_event(self.store, job, "status", {"status": "queued"})
-        save_job(self.store, job)
+        save_new_job(self.store, job)
         self.store.put(active_key(job.job_id), b"", "application/octet-stream")
 
     def _start_job(self, job: JobRecord) -> None:

@@ -3,7 +3,9 @@
 Layout in the artifact store (so any Ingress replica can answer for any job, and a job outlives
 the replica that started it):
 
-  jobs/<job_id>/job.json          the JobRecord: request, status, progress, result or error
+  jobs/<job_id>/request.json      the request, written once (it may carry megabytes of images)
+  jobs/<job_id>/job.json          the rest of the JobRecord: status, progress, result or error,
+                                  rewritten as the job goes on
   jobs/<job_id>/events/<seq>.json the events a client streams (progress, image, status), in order
   jobs/<job_id>/runner.lease      held by the replica running it, renewed while it runs; a
                                   job whose lease expired is taken over by another replica
@@ -51,7 +53,7 @@ class JobRecord(BaseModel):
 
     job_id: str
     kind: JobKind
-    request: dict[str, Any]  # the body of the synchronous route it stands for
+    request: dict[str, Any] = {}  # the body of the synchronous route it stands for (request.json)
     owner: Optional[str] = None
     subject_id: Optional[str] = None  # made at creation for story and subject jobs: retries reuse it
     request_id: str  # names the images' folder, so a retried job overwrites instead of duplicating
@@ -85,6 +87,10 @@ def job_key(job_id: str) -> str:
     return f"jobs/{job_id}/job.json"
 
 
+def request_key(job_id: str) -> str:
+    return f"jobs/{job_id}/request.json"
+
+
 def event_key(job_id: str, seq: int) -> str:
     return f"jobs/{job_id}/events/{seq:08d}.json"
 
@@ -102,18 +108,28 @@ def idempotency_key(owner: Optional[str], given: str) -> str:
     return f"idempotency/{owner or '_'}/{digest}"
 
 
+def save_new_job(store: ArtifactStore, job: JobRecord) -> None:
+    """A new job: its request once, then its record."""
+    store.put(request_key(job.job_id), json.dumps(job.request).encode(), "application/json")
+    save_job(store, job)
+
+
 def save_job(store: ArtifactStore, job: JobRecord) -> None:
+    """The record without its request (stored once by `save_new_job`): progress, saved every
+    second while a job runs, rewrites only what changes."""
     job.updated_at = time.time()
-    store.put(job_key(job.job_id), job.model_dump_json().encode(), "application/json")
+    store.put(job_key(job.job_id), job.model_dump_json(exclude={"request"}).encode(), "application/json")
 
 
 def load_job(store: ArtifactStore, job_id: str) -> JobRecord:
     if not is_job_id(job_id):
         raise UnknownJob(job_id)
     try:
-        return JobRecord.model_validate_json(store.get(job_key(job_id)))
+        job = JobRecord.model_validate_json(store.get(job_key(job_id)))
+        job.request = json.loads(store.get(request_key(job_id)))
     except ArtifactNotFound:
         raise UnknownJob(job_id) from None
+    return job
 
 
 def append_event(store: ArtifactStore, job: JobRecord, kind: str, data: dict[str, Any]) -> None:
