@@ -66,9 +66,18 @@ def generator_stats(replicas: int = GENERATORS, timeout_s: float = 60) -> dict[s
     return seen
 
 
+def wait_listed_dead(node_id: str, timeout_s: float = 120) -> None:
+    """Until Ray's health checks list a removed node as dead (Serve reschedules only then)."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()):
+        assert time.monotonic() < deadline, "the removed node is still listed as alive"
+        time.sleep(1)
+
+
 def anchor_stage_node() -> str:
     """The node of the AnchorStage replica: the process there owns the caches it makes."""
-    import ray
     from ray._private import state
 
     for actor in state.actors().values():
@@ -166,8 +175,6 @@ def test_a_cache_crosses_to_each_node_once_and_its_replicas_share_it(cluster, li
 
 
 def test_losing_a_node_under_load_loses_no_answered_image(cluster, library) -> None:
-    import ray
-
     ray_cluster, base_url = cluster
     with http() as client:
         subject_id = create_subject(client, base_url, seed=1)["subject_id"]
@@ -184,10 +191,7 @@ def test_losing_a_node_under_load_loses_no_answered_image(cluster, library) -> N
     assert set(statuses) <= {200, 503}, statuses
     assert statuses.count(200) >= len(answers) // 2, statuses  # most were retried on other replicas
     check_answers(answers, library, seed_of_subject=1)
-    deadline = time.monotonic() + 120
-    while any(n["NodeID"] == victim.node_id and n["Alive"] for n in ray.nodes()):  # health checks notice
-        assert time.monotonic() < deadline, "the removed node is still listed as alive"
-        time.sleep(1)
+    wait_listed_dead(victim.node_id)
 
     # A new node (what the autoscaler would add) takes the lost replicas.
     add_worker(ray_cluster, num_gpus=GPUS_PER_NODE)
@@ -202,8 +206,9 @@ def test_losing_the_node_that_owns_a_cache_reloads_it_from_the_artifact_store(cl
     owner = node_of(ray_cluster, anchor_stage_node())
     # Its replicas go with it; a node takes their place.
     ray_cluster.remove_node(owner, allow_graceful=False)
+    wait_listed_dead(owner.node_id)
     add_worker(ray_cluster, num_gpus=GPUS_PER_NODE)
-    generator_stats(timeout_s=180)
+    generator_stats(timeout_s=300)
 
     answers = request_images(base_url, subject_id, list(range(2 * GENERATORS)))
     assert [status for status, _, _ in answers] == [200] * len(answers)
