@@ -23,7 +23,7 @@ from common import PROMPTS, add_common_args, build_pipeline, device_name, report
 from fidelity import PROMPT_SETS, measure_deviation, plant_outlier_channels
 
 from consistory import AnchorCache, ConsiStoryConfig
-from consistory.cache_size import MaskStats, count_cache_bytes
+from consistory.cache.size import MaskStats, count_cache_bytes
 from consistory.seeds import initial_latents
 
 FULL_FRACTIONS = ("0.1", "0.25", "0.5", "1.0")
@@ -32,7 +32,7 @@ FULL_FRACTIONS = ("0.1", "0.25", "0.5", "1.0")
 def full_sdxl_unet_on_meta():
     from diffusers import UNet2DConditionModel
 
-    from consistory.presets import unet_config
+    from consistory.presets.sdxl import unet_config
 
     with torch.device("meta"):
         return UNet2DConditionModel(**unet_config("full"))

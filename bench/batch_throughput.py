@@ -34,7 +34,7 @@ def write_spec(path: Path, stories: int, prompts: int) -> None:
 
 
 def run(args: argparse.Namespace, actors: int, threads: int, spec: Path, dest: Path, cpus: int) -> dict:
-    from consistory.cli import build_parser
+    from consistory.cli.main import build_parser
     from consistory_batch.runner import run_batch
 
     argv = ["batch", str(spec), "--out", str(dest), "--model", args.preset, "--steps", str(args.steps),

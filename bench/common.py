@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import torch
 
+from consistory.loading import load_pipeline, preset_id, resolve_device, resolve_dtype
+
 # Size and step defaults per preset: tiny and small run on a laptop CPU, full is SDXL on a GPU.
 PRESET_DEFAULTS = {
     "tiny": dict(size=128, steps=20),
@@ -44,16 +46,14 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.steps = args.steps or defaults["steps"]
     args.height = args.height or defaults["size"]
     args.width = args.width or defaults["size"]
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    args.dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    device = resolve_device(args.device)
+    args.device = str(device)
+    args.dtype = resolve_dtype("auto", device)
     return args
 
 
 def build_pipeline(args: argparse.Namespace):
-    from consistory import ConsiStoryPipeline
-
-    pipe = ConsiStoryPipeline.from_preset(args.preset, seed=0, torch_dtype=args.dtype, device=args.device)
+    pipe = load_pipeline(preset_id(args.preset), args.device, args.dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe.sdxl.set_progress_bar_config(disable=True)
     return pipe

@@ -3,7 +3,7 @@
 A synthetic cache with the compact layout and the shapes of SDXL at 1024 x 1024, 50 steps,
 2 anchors, mean subject-mask fraction 0.5 (random codes: no model is run) goes from one actor
 (standing in for the AnchorStage) to another (a Generator) with the service's own transport,
-`deployments.cache_transport`: chunks put into the object store, read in place. Measured: from the
+`deployments.replicas.cache_transport`: chunks put into the object store, read in place. Measured: from the
 first put to the first decoded layer in the receiver (after one warm-up hand-off, as in a running service, with the object store's memory
 prefaulted at start as the cluster configs set it; the first hand-off is reported too), and the receiver's resident memory, private
 (anonymous) and mapped shared memory, after it has touched every page of the cache.
@@ -23,66 +23,48 @@ import time
 import torch
 
 from consistory import AnchorCache, ConsiStoryConfig
-from consistory.cache_codecs import EARLY_PAIR_BITS, INJECTION_BITS, PAIR_BITS
-from consistory.cache_size import MaskStats, self_attention_layers
-from consistory.grids import Grids
+from consistory.cache.compact_codec import CompactCodec
+from consistory.cache.schema import PASS1_ONLY_ROWS, SHARED_ROWS, SUBJECT_ROWS, SelfAttentionLayer, UNetShapes
+from consistory.cache.size import MaskStats
+from consistory.method.grids import Grids
 
 
-def synthetic_compact_cache(mask_fraction: float = 0.5, seed: int = 0) -> AnchorCache:
+def synthetic_compact_cache(mask_fraction: float = 0.5, seed: int = 0) -> tuple[AnchorCache, SelfAttentionLayer]:
+    """The cache, and the first layer whose shared inputs a new image reads."""
     from diffusers import UNet2DConditionModel
 
-    from consistory.presets import unet_config
+    from consistory.presets.sdxl import unet_config
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**unet_config("full"))
+        unet = UNetShapes.of(UNet2DConditionModel(**unet_config("full")))
     config = ConsiStoryConfig()
     masks = MaskStats.assumed(mask_fraction, config)
     grids = Grids.for_image(config.height, config.width)
-    a, s, start = config.n_anchors, config.num_inference_steps, config.injection_steps().start
+    a = config.n_anchors
+    rows = {}
+    for grid in ("coarse", "fine"):
+        rows[(SHARED_ROWS, grid)] = round(a * grids.tokens(grid) * masks.shared[grid])
+        rows[(PASS1_ONLY_ROWS, grid)] = round(rows[(SHARED_ROWS, grid)] * masks.pass1_only[grid])
+    rows[(SUBJECT_ROWS, "fine")] = round(a * grids.tokens("fine") * masks.subject_fine)
     g = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
-
-    def rows_block(base: str, rows: int, dim: int, bits: int) -> None:
-        tensors[base + "/q"] = torch.randint(0, 256, (rows, dim * bits // 8), dtype=torch.uint8, generator=g)
-        tensors[base + "/t"] = torch.rand(rows, generator=g) * 1e-2
-        tensors[base + "/c"] = torch.rand(dim, generator=g) + 0.5
-
-    for name, part, level, dim in self_attention_layers(unet):
-        grid = {1: "fine", 2: "coarse"}.get(level)
-        if grid is None:
-            continue
-        rows = round(a * grids.tokens(grid) * masks.shared[grid])
-        if part == "up":
-            for step in range(1, s):
-                if step < start:
-                    bits, where, n = EARLY_PAIR_BITS, f"shared/p1/s{step}/{name}", rows
-                else:
-                    bits, where, n = PAIR_BITS, f"shared/p1x/s{step}/{name}", round(rows * masks.pass1_only[grid])
-                    rows_block(f"shared/p2/s{step}/{name}/cond", rows, dim, PAIR_BITS[0])
-                    rows_block(f"shared/p2/s{step}/{name}/uncond", rows, dim, PAIR_BITS[1])
-                rows_block(where + "/cond", n, dim, bits[0])
-                rows_block(where + "/uncond", n, dim, bits[1])
-        if grid == "fine":
-            bank = round(a * grids.tokens("fine") * masks.subject_fine)
-            for step in config.injection_steps():
-                rows_block(f"inject/s{step}/{name}", bank, dim, INJECTION_BITS)
-    for p in (1, 2):
-        for step in range(start, s):
-            for grid in ("coarse", "fine"):
-                tensors[f"tokens/p{p}/s{step}/{grid}"] = torch.rand(a, grids.tokens(grid), generator=g) < 0.25
-    tensors["anchor/dift"] = torch.randn(a, 1280, *grids.fine, generator=g).half()
-    for grid in ("coarse", "fine"):
-        tensors[f"anchor/mask/{grid}"] = torch.rand(a, grids.tokens(grid), generator=g) < mask_fraction
-    return AnchorCache(
+    for spec in CompactCodec.schema(config, a, unet, torch.float16, grids):
+        shape = tuple(rows[(spec.rows, spec.grid)] if n is None else n for n in spec.shape)
+        if spec.dtype == torch.uint8:  # codes
+            tensors[spec.name] = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        elif spec.dtype == torch.bool:  # token and subject masks
+            tensors[spec.name] = torch.rand(shape, generator=g) < (mask_fraction if spec.part == "masks" else 0.25)
+        elif spec.dtype == torch.float16:  # DIFT features
+            tensors[spec.name] = torch.randn(shape, generator=g).half()
+        elif None in spec.shape:  # token scales
+            tensors[spec.name] = torch.rand(shape, generator=g) * 1e-2
+        else:  # channel scales
+            tensors[spec.name] = torch.rand(shape, generator=g) + 0.5
+    cache = AnchorCache(
         subjects=["dog"], anchor_prompts=["a dog", "a dog"], seeds=[0, 1], config=config,
         model_id="preset:full:0", model_fingerprint="synthetic", dtype="float16", codec="compact", tensors=tensors,
     )
-
-
-def first_layer_key(cache: AnchorCache) -> tuple[str, str]:
-    layer = next(k for k in cache.tensors if k.startswith("shared/p1/s1/") and k.endswith("/cond/q"))
-    name = layer.removeprefix("shared/p1/s1/").removesuffix("/cond/q")
-    return name, "coarse" if name.startswith("up_blocks.0.") else "fine"
+    return cache, next(layer for layer in unet.layers if layer.part == "up" and layer.grid is not None)
 
 
 def memory() -> dict[str, int]:
@@ -143,12 +125,12 @@ def _measure(mask_fraction: float, chunk_bytes: int) -> dict:
     class Stage:
         """Stands in for the AnchorStage: holds a cache and puts it into the object store."""
 
-        def build(self, fraction: float) -> int:
-            self.cache = synthetic_compact_cache(fraction)
-            return self.cache.nbytes
+        def build(self, fraction: float) -> tuple[int, SelfAttentionLayer]:
+            self.cache, first_layer = synthetic_compact_cache(fraction)
+            return self.cache.nbytes, first_layer
 
         def put_chunks(self, chunk: int):
-            from deployments.cache_transport import put_cache
+            from deployments.replicas.cache_transport import put_cache
 
             t = time.perf_counter()
             buffers = self.cache.to_buffers(chunk)
@@ -170,17 +152,16 @@ def _measure(mask_fraction: float, chunk_bytes: int) -> dict:
             import numpy  # noqa: F401
             import safetensors.torch  # noqa: F401
 
-            from deployments.cache_transport import get_cache  # noqa: F401
+            from deployments.replicas.cache_transport import get_cache  # noqa: F401
 
             return memory()
 
-        async def receive_chunks(self, handle) -> dict:
-            from deployments.cache_transport import get_cache
+        async def receive_chunks(self, handle, layer: SelfAttentionLayer) -> dict:
+            from deployments.replicas.cache_transport import get_cache
 
             before = memory()
             cache = await get_cache(handle, timeout_s=120)
-            name, grid = first_layer_key(cache)
-            cache.shared_inputs(1, name, 1, 0, grid, device="cpu")
+            cache.shared_inputs(1, layer.name, 1, 0, layer.grid, device="cpu")
             first_use = time.time()
             at_first_use = memory()
             checksum = sum(int(memoryview(c)[::4096].tobytes().count(0)) for c in cache.tensors.chunks)
@@ -196,16 +177,16 @@ def _measure(mask_fraction: float, chunk_bytes: int) -> dict:
             return {"first_use": first_use, "before": before, "all": memory(), "n": len(tensors)}
 
     stage, reader = Stage.remote(), Reader.remote()
-    nbytes = ray.get(stage.build.remote(mask_fraction))
+    nbytes, first_layer = ray.get(stage.build.remote(mask_fraction))
     ray.get(reader.warm.remote())
     # The first hand-off of a fresh Ray instance also faults in the object store's shared memory;
     # a running service has done that long before. Both are reported; the second is the figure.
     handle, cold_start, _, _ = ray.get(stage.put_chunks.remote(chunk_bytes))
-    cold = ray.get(reader.receive_chunks.remote(handle))
+    cold = ray.get(reader.receive_chunks.remote(handle, first_layer))
     del handle
     time.sleep(2)  # the owner frees the chunks asynchronously
     handle, put_start, serialize_s, n_chunks = ray.get(stage.put_chunks.remote(chunk_bytes))
-    got = ray.get(reader.receive_chunks.remote(handle))
+    got = ray.get(reader.receive_chunks.remote(handle, first_layer))
     del handle
     time.sleep(2)
     refs, bytes_start = ray.get(stage.put_bytes.remote())

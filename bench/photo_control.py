@@ -22,7 +22,7 @@ from common import PROMPTS, add_common_args, build_pipeline, device_name, report
 from PIL import Image, ImageDraw
 
 from consistory import ConsiStoryConfig
-from consistory.presets import build_preset_controlnet
+from consistory.presets.sdxl import build_preset_controlnet
 
 
 def photo(width: int, height: int) -> Image.Image:

@@ -13,7 +13,11 @@ p50/p99 latency per request kind and the time to a consistent subject.
 
 With --compare-replicas the script starts the service itself (tiny preset, local store, via
 deployments.local), once with 1 and once with 2 Generator replicas, loads each the same way,
-shuts it down, and reports how throughput changes.
+shuts it down, and reports how throughput changes. With --compare-batching it starts it with one
+Generator replica, batching on and off, and N clients (8 unless --clients) of one subject
+(serve_batching.py).
+
+    python bench/serve_load.py --compare-batching --duration 30 --json bench/results/serve-batching.json
 """
 
 from __future__ import annotations
@@ -235,7 +239,7 @@ def _print(title: str, result: dict[str, Any]) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="base URL of a running service")
-    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--clients", type=int, default=None, help="4; 8 with --compare-batching")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load (always bounded)")
     parser.add_argument("--requests", type=int, default=None, help="stop after this many operations")
     parser.add_argument("--new-every", type=int, default=4, help="one operation in this many is a new subject")
@@ -244,15 +248,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--allow-remote", action="store_true", help="allow a URL that is not loopback")
     parser.add_argument("--compare-replicas", action="store_true",
                         help="start the tiny service itself with 1 then 2 Generator replicas")
-    parser.add_argument("--port", type=int, default=8000, help="--compare-replicas: HTTP port to serve on")
-    parser.add_argument("--steps", type=int, default=10, help="--compare-replicas: denoising steps")
-    parser.add_argument("--size", type=int, default=64, help="--compare-replicas: image height and width")
-    parser.add_argument("--num-cpus", type=float, default=None, help="--compare-replicas: CPUs Ray may use")
+    parser.add_argument("--compare-batching", action="store_true",
+                        help="start the tiny service itself with batching on, then off")
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="--compare-batching: batch_wait_ms")
+    parser.add_argument("--port", type=int, default=8000, help="--compare-*: HTTP port to serve on")
+    parser.add_argument("--steps", type=int, default=10, help="--compare-*: denoising steps")
+    parser.add_argument("--size", type=int, default=64, help="--compare-*: image height and width")
+    parser.add_argument("--num-cpus", type=float, default=None, help="--compare-*: CPUs Ray may use")
     args = parser.parse_args(argv)
+    args.clients = args.clients or (8 if args.compare_batching else 4)
     if args.clients < 1 or args.duration <= 0 or args.new_every < 1 or args.images_per_request < 1:
         parser.error("--clients, --duration, --new-every and --images-per-request must be positive")
 
-    if args.compare_replicas:
+    if args.compare_batching:
+        from serve_batching import compare_batching
+
+        result = compare_batching(args)
+        ratio = result["images_per_s_ratio_on_over_off"]
+        print(f"=== images/s, batching on over off: {ratio:.2f}" if ratio else "=== no images with batching off")
+    elif args.compare_replicas:
         result = compare_replicas(args)
         ratio = result["images_per_s_ratio_2_over_1"]
         print(f"=== images/s, 2 Generator replicas over 1: {ratio:.2f}" if ratio else "=== no images with 1 replica")

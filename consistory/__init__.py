@@ -10,8 +10,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "AnchorCache": ".anchor_cache",
-    "AnchorCacheError": ".anchor_cache",
+    "AnchorCache": ".cache.anchor_cache",
+    "AnchorCacheError": ".cache.anchor_cache",
     "AnchorsOutput": ".outputs",
     "ConsiStoryConfig": ".config",
     "ConsiStoryPipeline": ".pipeline",
@@ -25,7 +25,7 @@ __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .anchor_cache import AnchorCache, AnchorCacheError
+    from .cache.anchor_cache import AnchorCache, AnchorCacheError
     from .config import ConsiStoryConfig, vanilla_config
     from .errors import InputError
     from .outputs import AnchorsOutput, StoryOutput

@@ -2,6 +2,6 @@
 
 import sys
 
-from consistory.cli import main
+from consistory.cli.main import main
 
 sys.exit(main())

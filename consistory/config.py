@@ -1,4 +1,4 @@
-"""Every constant of the published method in one typed, frozen config (ALGORITHM.md section 10)."""
+"""Every constant of the published method in one typed, frozen config (docs/method.md section 10)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .anchor_cache import AnchorCache
+    from .cache.anchor_cache import AnchorCache
 
 
 @dataclass

@@ -4,29 +4,23 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from .anchor_cache import AnchorCache
-from .anchors import CachedAnchors, LiveAnchors
-from .cache_codecs import CODECS
+from .cache.anchor_cache import AnchorCache
+from .cache.codecs import CODECS
+from .cache.fingerprint import unet_fingerprint
 from .config import ConsiStoryConfig
-from .control import check_controlnet
-from .denoise import decode_latents, denoise_pass, dift_hook, encode_conditioning, nearest_step
 from .errors import InputError
-from .fingerprint import unet_fingerprint
-from .grids import Grids
-from .image_inputs import ImageInputs
+from .inputs.control import check_controlnet
+from .inputs.image_inputs import ImageInputs
+from .method.anchors import CachedAnchors, LiveAnchors
+from .method.compiled_unet import set_compiled
+from .method.passes import Request, run_passes
 from .outputs import AnchorsOutput, StoryOutput
-from .processors import build_processors
-from .progress import ProgressCallback, step_progress
-from .run_state import RunState
-from .seeds import check_seeds, consecutive_seeds, initial_latents
-from .subject_tokens import find_subject_tokens
-
-FREEU_KEYS = ("s1", "s2", "b1", "b2")
+from .progress import ProgressCallback
+from .seeds import check_seeds, consecutive_seeds
 
 
 class ConsiStoryPipeline:
@@ -36,7 +30,7 @@ class ConsiStoryPipeline:
     hook are installed only while generating and removed afterwards, even on error.
     """
 
-    def __init__(self, sdxl, model_id: str | None = None, controlnet=None) -> None:
+    def __init__(self, sdxl, model_id: str | None = None, controlnet=None, compile: bool = False) -> None:
         self.sdxl = sdxl
         # A StableDiffusionXLControlNetPipeline brings its own ControlNet.
         self.controlnet = controlnet if controlnet is not None else getattr(sdxl, "controlnet", None)
@@ -46,35 +40,41 @@ class ConsiStoryPipeline:
         # Pass 2 starts from pass 1's state at step S // 10 (exact); False runs it from step 0,
         # which gives the same images at the cost of the repeated steps (kept for checking that).
         self.resume_pass2 = True
+        # Run the UNet under torch.compile (see consistory.method.compiled_unet): graphs are made
+        # at the first generation of each image size and batch size, then reused. Off by default:
+        # it pays on a GPU, not on a CPU. Takes effect at the next generation.
+        self.compile = compile
         self._fingerprint: str | None = None
         # Generation swaps the UNet's processors: one generation at a time per pipeline.
         self._lock = threading.Lock()
 
     # --- construction ---
     @classmethod
-    def from_pretrained(cls, model_id_or_path: str, controlnet=None, **diffusers_kwargs: Any) -> "ConsiStoryPipeline":
+    def from_pretrained(cls, model_id_or_path: str, controlnet=None, compile: bool = False,
+                        **diffusers_kwargs: Any) -> "ConsiStoryPipeline":
         """Load SDXL weights (hub id or local directory) and use DDIM as the method specifies;
-        `controlnet`: an SDXL `ControlNetModel` (hub or directory) for `control_images`."""
+        `controlnet`: an SDXL `ControlNetModel` (hub or directory) for `control_images`;
+        `compile`: run the UNet under torch.compile (the `compile` attribute)."""
         from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
         sdxl = StableDiffusionXLPipeline.from_pretrained(model_id_or_path, **diffusers_kwargs)
         sdxl.scheduler = DDIMScheduler.from_config(sdxl.scheduler.config)
         if controlnet is not None:
             controlnet = controlnet.to(device=sdxl.unet.device, dtype=sdxl.unet.dtype)
-        return cls(sdxl, model_id=str(model_id_or_path), controlnet=controlnet)
+        return cls(sdxl, model_id=str(model_id_or_path), controlnet=controlnet, compile=compile)
 
     @classmethod
-    def from_sdxl(cls, pipe, model_id: str | None = None, controlnet=None) -> "ConsiStoryPipeline":
+    def from_sdxl(cls, pipe, model_id: str | None = None, controlnet=None, compile: bool = False) -> "ConsiStoryPipeline":
         """Wrap an existing StableDiffusionXLPipeline or StableDiffusionXLControlNetPipeline (its
         scheduler is used as it is)."""
-        return cls(pipe, model_id=model_id, controlnet=controlnet)
+        return cls(pipe, model_id=model_id, controlnet=controlnet, compile=compile)
 
     @classmethod
-    def from_preset(cls, name: str, seed: int = 0, **kwargs: Any) -> "ConsiStoryPipeline":
+    def from_preset(cls, name: str, seed: int = 0, compile: bool = False, **kwargs: Any) -> "ConsiStoryPipeline":
         """Random-weight SDXL-topology presets ("tiny", "small", "full"); see consistory.presets."""
-        from .presets import build_preset_sdxl
+        from .presets.sdxl import build_preset_sdxl
 
-        return cls(build_preset_sdxl(name, seed=seed, **kwargs), model_id=f"preset:{name}:{seed}")
+        return cls(build_preset_sdxl(name, seed=seed, **kwargs), model_id=f"preset:{name}:{seed}", compile=compile)
 
     @property
     def device(self) -> torch.device:
@@ -143,9 +143,9 @@ class ConsiStoryPipeline:
         seeds = consecutive_seeds(seed, len(prompts))
         n_anchors = min(config.n_anchors, len(prompts))
         inputs = ImageInputs.checked(len(prompts), n_anchors, images, control_images, controlnet_conditioning_scale,
-                                     control_guidance)
-        anchors = LiveAnchors(n_anchors, len(prompts))
-        return self._generate(prompts, subjects, seeds, config, latents, anchors, output_type, progress, inputs)
+                                     control_guidance, size=(config.height, config.width))
+        anchors = LiveAnchors(n_anchors, inputs.batch_rows(len(prompts)))
+        return self._run(Request(prompts, subjects, seeds, config, anchors, inputs, latents, output_type, progress))
 
     def create_anchors(
         self,
@@ -192,9 +192,9 @@ class ConsiStoryPipeline:
             storage_device=str(cache_device) if cache_device is not None else None,
         )
         inputs = ImageInputs.checked(len(prompts), len(prompts), images, control_images, controlnet_conditioning_scale,
-                                     control_guidance)
-        anchors = LiveAnchors(len(prompts), len(prompts), recorder=cache)
-        out = self._generate(prompts, subjects, seeds, config, latents, anchors, output_type, progress, inputs)
+                                     control_guidance, size=(config.height, config.width))
+        anchors = LiveAnchors(len(prompts), inputs.batch_rows(len(prompts)), recorder=cache)
+        out = self._run(Request(prompts, subjects, seeds, config, anchors, inputs, latents, output_type, progress))
         cache.finish_recording()
         return AnchorsOutput(out.images, out.seeds, out.subject_masks, out.timings, cache=cache)
 
@@ -227,120 +227,30 @@ class ConsiStoryPipeline:
         if len(seeds) != len(prompts):
             raise InputError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
         inputs = ImageInputs.checked(len(prompts), 0, None, control_images, controlnet_conditioning_scale,
-                                     control_guidance)
+                                     control_guidance, size=(config.height, config.width))
         anchors = CachedAnchors(cache, len(prompts))
-        return self._generate(prompts, cache.subjects, seeds, config, latents, anchors, output_type, progress, inputs)
+        return self._run(Request(prompts, cache.subjects, seeds, config, anchors, inputs, latents, output_type, progress))
 
-    # --- the shared path ---
-    def _generate(self, prompts, subjects, seeds, config, latents, anchors, output_type, progress=None,
-                  inputs: ImageInputs | None = None) -> StoryOutput:
-        with self._lock:
-            return self._generate_locked(prompts, subjects, seeds, config, latents, anchors, output_type, progress,
-                                         inputs or ImageInputs())
-
-    def _generate_locked(self, prompts, subjects, seeds, config, latents, anchors, output_type, progress,
-                         inputs: ImageInputs) -> StoryOutput:
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise InputError(f"output_type must be 'pil', 'np', 'pt' or 'latent' (got {output_type!r})")
-        sdxl = self.sdxl
-        timings: dict[str, float] = {}
-        start = time.perf_counter()
-        tokens = find_subject_tokens(sdxl.tokenizer, prompts, subjects)
-        grids = Grids.for_image(config.height, config.width, sdxl.vae_scale_factor)
-        latents = self._initial_latents(seeds, grids, latents)
-        scheduler = type(sdxl.scheduler).from_config(sdxl.scheduler.config)
-        scheduler.set_timesteps(config.num_inference_steps, device=self.device)
-        latents = latents * scheduler.init_noise_sigma  # 1 for DDIM; not for e.g. Euler
-        state = RunState(
-            config=config,
-            grids=grids,
-            n_images=len(prompts),
-            token_weights=tokens.weights().to(self.device),
-            present=tokens.present.to(self.device),
-            anchors=anchors,
-            seeds=seeds,
-            dift_step=nearest_step(scheduler.timesteps, config.dift_timestep),
-        )
-        # Pass 2 resumes from pass 1's state where injection starts (see PassSnapshot).
-        resume_at = config.injection_steps().start if config.two_passes and self.resume_pass2 else None
-        steps = config.num_inference_steps
-        with torch.no_grad(), step_progress(self.progress_bar, config, resume_at, state, progress) as step_done:
-            cond = encode_conditioning(sdxl, prompts, config.height, config.width, self.device)
-            control = inputs.control_signal(self.controlnet, config.height, config.width, sdxl.vae_scale_factor,
-                                            self.device)
-            timings["encode_s"] = time.perf_counter() - start
-            if inputs.photos is not None:
-                t0 = time.perf_counter()
-                with self._freeu_installed(config):  # the model the rows are sampled with, no mechanism
-                    photos = inputs.invert_photos(sdxl, scheduler, cond, seeds, config, control, self.device)
-                latents = latents.clone()
-                latents[photos.rows] = photos.x_T.to(latents.dtype)
-                timings["inversion_s"] = time.perf_counter() - t0
-            else:
-                photos = None
-            rows = {"control": control, "photos": photos}
-            with self._method_installed(state, config):
-                t0 = time.perf_counter()
-                scheduler.set_timesteps(steps, device=self.device)
-                state.begin_pass(1)
-                result, snapshot = denoise_pass(sdxl, scheduler, state, latents, cond, step_done,
-                                                snapshot_at=resume_at, **rows)
-                timings["pass1_s"] = time.perf_counter() - t0
-                if config.two_passes:
-                    t0 = time.perf_counter()
-                    if snapshot is not None:
-                        state.begin_pass(2, resume=snapshot)
-                        result, _ = denoise_pass(
-                            sdxl, snapshot.scheduler, state, snapshot.latents, cond, step_done, start=snapshot.step,
-                            **rows,
-                        )
-                    else:
-                        scheduler.set_timesteps(steps, device=self.device)
-                        state.begin_pass(2)
-                        result, _ = denoise_pass(sdxl, scheduler, state, latents, cond, step_done, **rows)
-                    timings["pass2_s"] = time.perf_counter() - t0
+    def warm_up(self, config: ConsiStoryConfig | None = None, batch_sizes: Sequence[int] = (1,)) -> dict[int, float]:
+        """One short story per batch size at `config`'s image size, so that the first real
+        request does not pay for what a process does once per shape (compiling the UNet when
+        `compile` is on; kernel selection and memory pools otherwise). Stories of b images put
+        the UNet in the shapes of every entry point at batch b. Returns seconds per batch size."""
+        config = config or self.default_config()
+        # Enough steps that query mixing's doubled batch runs, where the real config has it.
+        config = config.replace(num_inference_steps=min(config.num_inference_steps, max(2, config.query_mix_divisor)))
+        seconds = {}
+        for b in batch_sizes:
             t0 = time.perf_counter()
-            images = result if output_type == "latent" else decode_latents(sdxl, result, output_type)
-            timings["decode_s"] = time.perf_counter() - t0
-        timings["total_s"] = time.perf_counter() - start
-        masks = [m.reshape(grids.coarse).cpu().numpy() for m in state.final_masks["coarse"]]
-        return StoryOutput(images=images, seeds=list(seeds), subject_masks=masks, timings=timings)
+            self.generate_story([f"a photo of a dog in scene {i}" for i in range(b)], ["dog"],
+                                config=config.replace(n_anchors=min(config.n_anchors, b)), output_type="np")
+            seconds[b] = time.perf_counter() - t0
+        return seconds
 
-    def _initial_latents(self, seeds, grids: Grids, latents: torch.Tensor | None) -> torch.Tensor:
-        channels = self.sdxl.unet.config.in_channels
-        expected = (len(seeds), channels, *grids.latent)
-        if latents is None:
-            return initial_latents(seeds, expected[1:], self.dtype, self.device)
-        if tuple(latents.shape) != expected:
-            raise InputError(f"latents must have shape {expected} (B, C, H/8, W/8); got {tuple(latents.shape)}")
-        return latents.to(device=self.device, dtype=self.dtype)
-
-    @contextmanager
-    def _method_installed(self, state: RunState, config: ConsiStoryConfig) -> Iterator[None]:
-        unet = self.sdxl.unet
-        originals = unet.attn_processors
-        try:
-            # set_attn_processor empties the dict it is given: always hand it a copy.
-            unet.set_attn_processor(dict(build_processors(dict(originals), state)))
-            with self._freeu_installed(config), dift_hook(unet, state):
-                yield
-        finally:
-            unet.set_attn_processor(dict(originals))
-
-    @contextmanager
-    def _freeu_installed(self, config: ConsiStoryConfig) -> Iterator[None]:
-        unet = self.sdxl.unet
-        freeu_before = [{k: getattr(block, k, None) for k in FREEU_KEYS} for block in unet.up_blocks]
-        try:
-            if config.freeu:
-                unet.enable_freeu(s1=config.freeu_s1, s2=config.freeu_s2, b1=config.freeu_b1, b2=config.freeu_b2)
-            else:
-                unet.disable_freeu()
-            yield
-        finally:
-            for block, values in zip(unet.up_blocks, freeu_before):
-                for k, v in values.items():
-                    setattr(block, k, v)
+    def _run(self, request: Request) -> StoryOutput:
+        with self._lock:
+            set_compiled(self.sdxl.unet, self.compile)
+            return run_passes(self.sdxl, request, self.controlnet, self.progress_bar, self.resume_pass2)
 
 
 def check_codec(codec) -> str:

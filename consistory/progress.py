@@ -39,17 +39,22 @@ def step_progress(show: bool, config, resume_at: int | None, state, callback: Pr
     passes = 2 if config.two_passes else 1
     # The bar counts each pass's steps as the user set them ("pass 2 of 2: 7/10"); pass 2
     # opens at the step it resumes from, since the steps before it were made once in pass 1.
-    bar = tqdm(total=steps, desc=f"pass 1 of {passes}", unit="step", disable=not show, leave=False)
+    # Each pass gets a bar of its own: resetting one bar would draw it once more, empty and
+    # still labelled with the pass that has just ended, before the next pass's first step.
+    def open_bar(pass_index: int, initial: int):
+        return tqdm(total=steps, initial=initial, desc=f"pass {pass_index} of {passes}", unit="step",
+                    disable=not show, leave=False)
+
+    bar = open_bar(1, 0)
     done, shown_pass = 0, 1
 
     def step_done(step: int) -> None:
-        nonlocal done, shown_pass
+        nonlocal bar, done, shown_pass
         done += 1
         if state.pass_index != shown_pass:
             shown_pass = state.pass_index
-            bar.reset(total=steps)
-            bar.set_description(f"pass {shown_pass} of {passes}")
-            bar.update(step)
+            bar.close()
+            bar = open_bar(shown_pass, step)
         bar.update()
         if step == steps - 1:
             bar.refresh()  # a pass's last step is shown even when it came within tqdm's redraw interval

@@ -40,8 +40,8 @@ class ClipEmbedder:
     def tiny(cls, seed: int = 0, device: str | torch.device = "cpu") -> "ClipEmbedder":
         from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
 
-        from consistory.presets import local_text_config
-        from consistory.tokenizer import build_local_clip_tokenizer
+        from consistory.presets.sdxl import local_text_config
+        from consistory.presets.tokenizer import build_local_clip_tokenizer
 
         tokenizer = build_local_clip_tokenizer()
         config = CLIPConfig(text_config=local_text_config(_TINY_TEXT, tokenizer).to_dict(),

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from consistory.errors import UsageError
+from consistory.loading import resolve_device
 
 from .consistency import mean_pairwise_similarity
 from .destination import EVAL_PREFIX, MANIFEST_KEY, parse_destination, read_json, story_file
@@ -72,7 +73,7 @@ def run_eval(args: argparse.Namespace) -> int:
     stories = [s for s in manifest.get("stories", []) if s.get("status") == "done"]
     if not stories:
         raise UsageError(f"{args.dest} holds no finished story to score")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     clip = _load_clip(args.clip, device)
     embedder, metric, note = consistency_embedder(args.consistency, clip, device, args.dreamsim_cache)
 
@@ -105,17 +106,9 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but CUDA is not available")
-    return torch.device(name)
-
-
 def _load_clip(name: str, device: torch.device):
     from consistory.hub_access import cache_only
-    from consistory.model_ids import is_local_model
+    from consistory.loading import is_local_model
 
     from .clip_scores import ClipEmbedder
 

@@ -39,13 +39,13 @@ class StoryActor:
     def __init__(self, model: str, device: str, cache_only: bool, torch_threads: int, destination: Destination):
         import torch
 
-        from consistory.cli_models import load_pipeline
-        from consistory.log_filters import quiet_library_warnings
+        from consistory.loading import load_pipeline
+        from consistory.cli.log_filters import quiet_library_warnings
 
         quiet_library_warnings()
         torch.set_num_threads(torch_threads)  # several actors share a node's cores: no oversubscription
         started = time.perf_counter()
-        self.pipe = load_pipeline(model, torch.device(device), cache_only)
+        self.pipe = load_pipeline(model, device, cache_only=cache_only)
         self.pipe.set_progress_bar_config(disable=True)  # the driver shows progress
         self.load_s = time.perf_counter() - started
         self.store = destination.open()
@@ -89,7 +89,7 @@ class StoryActor:
     def extend(self, plan: StoryPlan, indices: Sequence[int], buffers) -> PartResult:
         """New images of the story from its anchor cache: prompts at `indices`, seeds seed + index,
         the same images as in the one-batch story."""
-        from consistory.anchor_cache import AnchorCache
+        from consistory.cache.anchor_cache import AnchorCache
 
         started = time.perf_counter()
         cache = AnchorCache.from_buffers(buffers.header, buffers.chunks)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from consistory.config import ConsiStoryConfig
 from consistory.errors import InputError
-from consistory.subject_tokens import find_subject_tokens
+from consistory.method.subject_tokens import find_subject_tokens
 
 from .specs import SpecProblem, StorySpec
 
@@ -53,14 +53,17 @@ def plan_stories(specs: list[StorySpec], args: argparse.Namespace, model: str, d
 
     `tokenizer` is the model's first tokenizer (None where it cannot be read before the model
     loads; the actors then report prompts without their subject)."""
-    from consistory.cli_options import build_config
+    from consistory.cli.options import build_config
 
     plans, problems = [], []
     for spec in specs:
         try:
             config = build_config(args, model, **spec.config_values)
-            if (config.sdsa or config.feature_injection) and config.n_anchors > len(spec.prompts):
-                raise InputError(f"n_anchors is {config.n_anchors} but the story has {len(spec.prompts)} prompt(s); "
+            asked = spec.config_values.get("n_anchors", args.n_anchors)
+            if asked is None:  # the rule of every surface: the default, or all prompts if fewer
+                config = config.replace(n_anchors=min(config.n_anchors, len(spec.prompts)))
+            elif (config.sdsa or config.feature_injection) and asked > len(spec.prompts):
+                raise InputError(f"n_anchors is {asked} but the story has {len(spec.prompts)} prompt(s); "
                                  "the first n_anchors prompts are the anchors: add prompts, or set \"n_anchors\" "
                                  f"to {len(spec.prompts)} for this story (or --n-anchors for all)")
             if tokenizer is not None:

@@ -15,9 +15,9 @@ import sys
 import time
 from typing import Any, Callable
 
-from consistory.cli_options import build_config
+from consistory.cli.options import build_config
 from consistory.errors import InputError, UsageError
-from consistory.model_ids import resolve_model
+from consistory.loading import resolve_model
 
 from .destination import parse_destination
 from .manifest import Manifest
@@ -44,16 +44,14 @@ def run_batch(args: argparse.Namespace, on_event: Callable[..., None] | None = N
         build_config(args, model)  # the command line's own settings, checked once for every story
     except InputError as error:
         raise UsageError(str(error)) from None
-    from consistory.cli_models import locate_model, model_dtype, subject_tokenizer
+    from consistory.loading import load_tokenizer, locate_model, resolve_dtype
 
     cache_only = locate_model(model)  # an unreachable hub fails here, in seconds, before Ray starts
     started_ray = connect(args.address)
     try:
-        import torch
-
         device = choose_device(args.device)
-        dtype = str(model_dtype(model, torch.device(device))).removeprefix("torch.")
-        plans, plan_problems = plan_stories(specs, args, model, dtype, subject_tokenizer(model, cache_only))
+        dtype = str(resolve_dtype("auto", device)).removeprefix("torch.")
+        plans, plan_problems = plan_stories(specs, args, model, dtype, load_tokenizer(model, cache_only))
         store = destination.open()
         manifest = Manifest.load(store, str(args.spec))
         for problem in problems + plan_problems:

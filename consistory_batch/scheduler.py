@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import ray
-from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, ObjectLostError, RayActorError, RayTaskError
 
 from .destination import Destination
 from .manifest import MANIFEST_EVERY_S, Manifest
@@ -46,6 +46,8 @@ class Slot:
     busy: bool = False
     alive: bool = True
     deaths: int = 0
+    restarting: bool = False  # dead, not yet loaded again: Ray fails its calls, so only pings
+    ping_due: float | None = None  # when to ask the restarting actor for its `info` (monotonic)
     info: dict[str, Any] | None = None
     ready_at: float | None = None
     images: int = 0
@@ -137,8 +139,12 @@ class Scheduler:
         return any(not task.story.ended for task in self.queue)
 
     def _dispatch(self) -> None:
+        now = time.monotonic()
         for slot in self.slots:
-            if slot.alive and not slot.busy:
+            if slot.alive and slot.restarting and slot.ping_due is not None and now >= slot.ping_due:
+                slot.ping_due = None
+                self.in_flight[slot.handle.info.remote()] = (Task("ready", None), slot)
+            if slot.alive and not slot.busy and not slot.restarting:
                 task = self._next_task_for(slot)
                 if task is not None:
                     self._submit(task, slot)
@@ -191,7 +197,7 @@ class Scheduler:
                 self._retry(task, one_line(error), avoid=slot.index if slot else None)
             return
         if task.kind == "ready":
-            slot.info, slot.ready_at = value, time.monotonic()
+            slot.info, slot.ready_at, slot.restarting = value, time.monotonic(), False
             self.progress.actor_ready()
             self.on_event("actor_ready", actor=slot.index, pid=value["pid"], load_s=value["load_s"])
         elif task.story.ended:
@@ -243,15 +249,19 @@ class Scheduler:
 
     # --- failures ---
     def _actor_died(self, task: Task, slot: Slot, error: BaseException) -> None:
-        slot.deaths += 1
-        slot.alive = slot.deaths <= ACTOR_RESTARTS
-        self.last_death = one_line(error)
-        self.on_event("actor_died", actor=slot.index, alive=slot.alive)
-        if task.kind == "ready":
-            if slot.alive:  # ask the restarted actor to say when its model is loaded again
-                self.in_flight[slot.handle.info.remote()] = (Task("ready", None), slot)
-            return
-        self._retry(task, f"its model actor died ({self.last_death})", avoid=slot.index)
+        # "Unavailable" while restarting is Ray bouncing a call: the death before it was counted.
+        bounced = slot.restarting and isinstance(error, ActorUnavailableError)
+        if not bounced:
+            slot.deaths += 1
+            slot.alive = slot.deaths <= ACTOR_RESTARTS
+            self.last_death = one_line(error)
+            self.on_event("actor_died", actor=slot.index, alive=slot.alive)
+        if slot.alive:  # no work until the restarted actor says its model is loaded again
+            slot.restarting = True
+            if task.kind == "ready" or slot.ping_due is None:
+                slot.ping_due = time.monotonic() + (POLL_S if bounced else 0.0)
+        if task.kind != "ready":
+            self._retry(task, f"its model actor died ({one_line(error)})", avoid=slot.index)
 
     def _cache_lost(self, task: Task, error: BaseException) -> None:
         """The anchor cache is gone from the object store (its node died): make the anchors again,

@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from consistory.cli_options import DEFAULT_STYLE
+from consistory.cli.options import DEFAULT_STYLE
 from consistory.errors import UsageError
-from consistory.prompt_text import setting_prompt
+from consistory.cli.prompt_text import setting_prompt
 
 # A story id names its directory in DEST (local or S3): keep it to safe characters.
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

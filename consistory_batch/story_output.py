@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from PIL import Image
 
-from consistory.story_files import GRID_NAME, image_names, make_grid
+from consistory.cli.story_files import GRID_NAME, image_names, make_grid
 
 from .destination import STORY_RECORD, Destination, story_file, write_json
 from .plans import StoryPlan

@@ -10,9 +10,9 @@ from typing import Any, Optional
 
 from ray.serve import Application
 
-from .anchor_stage import AnchorStage
-from .generator import Generator
-from .ingress import Ingress
+from .edge.ingress import Ingress
+from .replicas.anchor_stage import AnchorStage
+from .replicas.generator import Generator
 from .settings import ServiceSettings
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -27,3 +28,15 @@ def to_b64(data: bytes) -> str:
 
 def from_b64(text: str) -> bytes:
     return base64.b64decode(text, validate=True)
+
+
+def open_png(data: Optional[bytes]) -> Optional[Image.Image]:
+    """PNG bytes as a PIL RGB image, for the pipeline (None stays None)."""
+    if data is None:
+        return None
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
+def open_pngs(items: Optional[Sequence[Optional[bytes]]]) -> Optional[list[Optional[Image.Image]]]:
+    return None if items is None else [open_png(item) for item in items]

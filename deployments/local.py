@@ -7,12 +7,16 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Optional
 
 import requests
 
 from .app import build_app
+from .metrics import metrics_address
+
+logger = logging.getLogger(__name__)
 
 
 def start_local(
@@ -26,7 +30,8 @@ def start_local(
     metrics_export_port: Optional[int] = None,
 ) -> str:
     """Start Ray (if not running) and Serve on host:port, deploy the app, wait until ready.
-    `metrics_export_port`: where the node serves Prometheus metrics (`/metrics`)."""
+    `metrics_export_port`: where the node serves Prometheus metrics (`/metrics`); unset, Ray
+    picks a free port, which is logged with the service's address."""
     import ray
     from ray import serve
 
@@ -42,7 +47,9 @@ def start_local(
             **extra,
         )
     serve.start(http_options={"host": host, "port": port})
-    return run_app(args, name="consistory", route_prefix="/", host=host, port=port, ready_timeout_s=ready_timeout_s)
+    base_url = run_app(args, name="consistory", route_prefix="/", host=host, port=port, ready_timeout_s=ready_timeout_s)
+    logger.info("service at %s; metrics at %s", base_url, metrics_address())
+    return base_url
 
 
 def run_app(

@@ -10,12 +10,16 @@ node's `metrics_export_port`; Prometheus prefixes every name with `ray_`).
   consistory_cache_uses_total{source}                  where a Generator's cache came from: replica,
                                                        object_store, artifact_store, rebuilt
   consistory_cache_resident_bytes{replica}             anchor-cache bytes a Generator replica holds
+  consistory_generator_batch_images                    images per generate_from_anchors call (one
+                                                       UNet batch) of the Generators
   consistory_jobs_total{status}                        jobs by the state they reached: queued (made),
                                                        running (started or taken over), succeeded,
                                                        failed, cancelled
 
 Queue depth and ongoing requests per deployment are Ray Serve's own
 (`ray_serve_deployment_queued_queries`, `ray_serve_replica_processing_queries`).
+Where: every Ingress replica logs its node's endpoint when it starts (`metrics_address`): Ray
+picks a free port unless the node was started with `ray start --metrics-export-port`.
 Metrics are made on first use in each replica process (Ray's metric objects need a connected
 worker), and record nothing where Ray is not running.
 """
@@ -30,6 +34,8 @@ logger = logging.getLogger("ray.serve")
 
 # Seconds: from a 64 px tiny-preset image on a CPU to a 16-prompt 1024 px story on one GPU.
 LATENCY_BOUNDARIES = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60, 120, 300, 600]
+# Images per Generator batch: a bucket per size up to 8 (the GPU configs' batch), then coarser.
+BATCH_BOUNDARIES = [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 32]
 
 
 @functools.lru_cache(maxsize=1)
@@ -52,12 +58,38 @@ def _metrics() -> Optional[dict]:
             "cache_uses": Counter("consistory_cache_uses", "Where a Generator's anchor cache came from",
                                   tag_keys=("source",)),
             "jobs": Counter("consistory_jobs", "Jobs by the state they reached", tag_keys=("status",)),
+            "batch_images": Histogram("consistory_generator_batch_images",
+                                      "Images per generate_from_anchors call of a Generator replica",
+                                      boundaries=BATCH_BOUNDARIES),
             "cache_bytes": Gauge("consistory_cache_resident_bytes", "Anchor-cache bytes a Generator replica holds",
                                  tag_keys=("replica",)),
         }
     except Exception:  # metrics must never break a request
         logger.exception("metrics are off: could not create them")
         return None
+
+
+def metrics_address() -> Optional[str]:
+    """The URL of this Ray node's metrics endpoint (None where Ray is not running)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        here = ray.get_runtime_context().get_node_id()
+        node = next(n for n in ray.nodes() if n["NodeID"] == here)
+        return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    except Exception:  # only a log line depends on it
+        logger.exception("could not find this node's metrics endpoint")
+        return None
+
+
+def log_metrics_address() -> None:
+    """Says where Prometheus finds this node's metrics: on a laptop the port is otherwise a
+    random one nobody was told (the service's own port has no /metrics)."""
+    address = metrics_address()
+    if address is not None:
+        logger.info("metrics of this node (Prometheus text, names prefixed ray_): %s", address)
 
 
 def count_request(route: str, status: int) -> None:
@@ -88,6 +120,11 @@ def count_cache_use(source: str) -> None:
 def count_job(status: str) -> None:
     if (m := _metrics()) is not None:
         m["jobs"].inc(1, tags={"status": status})
+
+
+def observe_batch(images: int) -> None:
+    if (m := _metrics()) is not None:
+        m["batch_images"].observe(images)
 
 
 def set_cache_bytes(nbytes: int, replica: str) -> None:

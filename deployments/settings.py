@@ -7,14 +7,16 @@ resources. A typo in the config fails `serve run` with the field's name, not a r
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Annotated, Any, Literal, Optional
 
+from consistory.loading import model_id, parse_preset
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from .api_keys import AuthSettings
-from .retention import RetentionSettings
+from .resources import DeploymentResources, EdgeSettings, GeneratorResources
 
-PRESET_PREFIX = "preset:"
+logger = logging.getLogger("ray.serve")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -54,7 +56,9 @@ class RequestLimits(_Strict):
 
     max_prompts: int = Field(16, ge=1)
     max_anchors: int = Field(4, ge=1)
-    max_subjects: int = Field(4, ge=1)
+    # Subject words or phrases in one request (`subjects`); an API key's `max_subjects` is
+    # another thing: how many subjects the key may keep stored.
+    max_subjects_per_request: int = Field(4, ge=1)
     max_height: int = Field(1024, ge=32)
     max_width: int = Field(1024, ge=32)
     max_steps: int = Field(100, ge=1)
@@ -71,64 +75,91 @@ class RequestLimits(_Strict):
     # as a request can carry at `max_image_bytes` each.
     max_body_bytes: Optional[ByteSize] = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        """`max_subjects` was this limit's name until it was taken for an API key's quota of
+        stored subjects; the old name still works, with a warning."""
+        if not isinstance(data, dict) or "max_subjects" not in data:
+            return data
+        if "max_subjects_per_request" in data:
+            raise ValueError("limits.max_subjects is the old name of limits.max_subjects_per_request; keep only "
+                             "max_subjects_per_request")
+        note = ("limits.max_subjects is deprecated: rename it limits.max_subjects_per_request (subject words "
+                "per request; an API key's max_subjects is the number of subjects it may keep)")
+        warnings.warn(note, FutureWarning, stacklevel=2)
+        logger.warning(note)
+        data = dict(data)
+        data["max_subjects_per_request"] = data.pop("max_subjects")
+        return data
+
 
 TEXT_BODY_BYTES = 64 * 1024
 
 
-class DeploymentResources(_Strict):
-    """Serve options of one deployment. `min_replicas < max_replicas` turns on autoscaling on
-    ongoing requests; equal bounds give a fixed replica count."""
+class ApiKey(_Strict):
+    """An API key as the service is configured with it: a name and its token's hash only."""
 
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    target_ongoing_requests: float = Field(1.0, gt=0)
-    max_ongoing_requests: int = Field(2, ge=1)
-    # Requests waiting at each caller (proxy or handle) beyond this get 503 + Retry-After;
-    # -1 means unbounded, which under overload turns into hangs rather than answers.
-    max_queued_requests: int = Field(-1, ge=-1)
-    # Serve's defaults wait 30 s before adding and 600 s before removing replicas; a replica on a
-    # new GPU node costs minutes, so bursts shorter than the delays are better absorbed in queues.
-    upscale_delay_s: Optional[float] = Field(None, ge=0)
-    downscale_delay_s: Optional[float] = Field(None, ge=0)
-    # At most this many replicas of the deployment on one node (multi-GPU nodes): a node's loss
-    # then takes out only that share, and its replicas share that node's copy of each cache.
-    max_replicas_per_node: Optional[int] = Field(None, ge=1)
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the token")
+    admin: bool = False
+    max_subjects: Optional[int] = Field(None, ge=0)  # subjects the key may keep stored
+    requests_per_minute: Optional[float] = Field(None, gt=0)
+    max_queued_jobs: Optional[int] = Field(None, ge=1)  # unset: `jobs.max_queued_per_key`
+
+
+class AuthSettings(_Strict):
+    """`auth` in the service's args (edge/api_keys.py). Off when no key is configured (a
+    laptop); any configured key turns it on (the cluster configs)."""
+
+    # Unset: on exactly when keys are configured (auth.keys, keys_file, CONSISTORY_API_KEYS_FILE).
+    # `false` with keys configured is refused: keys that were silently ignored left every
+    # subject open to callers with no key.
+    enabled: Optional[bool] = None
+    keys: list[ApiKey] = Field(default_factory=list)
+    # A YAML or JSON list of keys (a mounted Kubernetes Secret, say); CONSISTORY_API_KEYS_FILE wins.
+    keys_file: Optional[str] = None
 
     @model_validator(mode="after")
-    def _bounds(self) -> "DeploymentResources":
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+    def _unique(self) -> "AuthSettings":
+        names = [k.name for k in self.keys]
+        if len(set(names)) != len(names):
+            raise ValueError(f"API key names must be unique; got {names}")
+        if self.enabled is False and (self.keys or self.keys_file):
+            raise ValueError(_KEYS_BUT_OFF)
         return self
 
-    def deployment_options(self, retry_after_s: float) -> dict[str, Any]:
-        """Keyword arguments for `Deployment.options(...)`."""
-        actor: dict[str, Any] = {"num_cpus": self.num_cpus}
-        if self.num_gpus:
-            actor["num_gpus"] = self.num_gpus
-        options: dict[str, Any] = {
-            "ray_actor_options": actor,
-            "max_ongoing_requests": self.max_ongoing_requests,
-            "max_queued_requests": self.max_queued_requests,
-            # Serve adds Retry-After itself to the 503s it answers for a full queue.
-            "backpressure_config": {"status_code": 503, "retry_after_s": retry_after_s},
-        }
-        if self.max_replicas_per_node is not None:
-            options["max_replicas_per_node"] = self.max_replicas_per_node
-        if self.min_replicas == self.max_replicas:
-            options["num_replicas"] = self.max_replicas
-        else:
-            autoscaling: dict[str, Any] = {
-                "min_replicas": self.min_replicas,
-                "max_replicas": self.max_replicas,
-                "target_ongoing_requests": self.target_ongoing_requests,
-            }
-            for name in ("upscale_delay_s", "downscale_delay_s"):
-                if getattr(self, name) is not None:
-                    autoscaling[name] = getattr(self, name)
-            options["autoscaling_config"] = autoscaling
-        return options
+    def on(self, keys_found: bool) -> bool:
+        """Whether callers need a key, given whether any key was found (in the config or a
+        keys file); refuses keys found with `enabled: false`."""
+        if self.enabled is False and keys_found:
+            raise ValueError(_KEYS_BUT_OFF)
+        return keys_found if self.enabled is None else self.enabled
+
+
+_KEYS_BUT_OFF = ("auth.enabled is false but API keys are configured: they would be ignored and every subject "
+                 "open to callers with no key; remove `enabled: false` (configured keys turn auth on) or the keys")
+
+
+class JobSettings(_Strict):
+    """`jobs` in the service's args: how accepted jobs wait for the model replicas (flow/job_queue.py)."""
+
+    # Jobs one Ingress replica runs at once; the others wait, in order, in the store's queue for
+    # any replica with room, rather than all pressing on the model replicas' bounded queues.
+    runners_per_replica: int = Field(4, ge=1)
+    # Jobs a key may have queued or running (an API key's `max_queued_jobs` overrides it; with
+    # auth off, all callers share it); past it POST /v1/jobs answers 429.
+    max_queued_per_key: int = Field(100, ge=1)
+
+
+class RetentionSettings(_Strict):
+    """`retention` in the service's args: seconds (None keeps forever); flow/retention.py."""
+
+    images_s: Optional[float] = Field(None, gt=0)
+    subjects_s: Optional[float] = Field(None, gt=0)
+    jobs_s: Optional[float] = Field(None, gt=0)
+    interval_s: float = Field(3600.0, gt=0)
+    collect: bool = True
 
 
 class ServiceSettings(_Strict):
@@ -143,6 +174,12 @@ class ServiceSettings(_Strict):
     # "preset:tiny" (a seeded random ControlNet on a preset's UNet, as the CLI's `--controlnet
     # tiny`; "preset:tiny:<seed>"), a hub id of an SDXL ControlNet, or a local directory.
     controlnet: Optional[str] = None
+    # Run the model replicas' UNet under torch.compile (ConsiStoryPipeline.compile): it pays on
+    # GPUs (CUDA graphs), not on CPUs.
+    compile: bool = False
+    # Each model replica makes one short generation at the default size before it is ready (and
+    # compiles there, with `compile`), so that its first request costs what the next ones do.
+    warm_up: bool = True
     # Extra ConsiStoryConfig fields applied to every request (e.g. {"freeu": false}).
     method: dict[str, Any] = Field(default_factory=dict)
     defaults: RequestDefaults = RequestDefaults()
@@ -173,10 +210,11 @@ class ServiceSettings(_Strict):
     # Signs local-store image URLs; CONSISTORY_URL_SIGNING_KEY wins. Unset, the first Ingress
     # replica stores a random key in the artifact store and every replica uses that one.
     url_signing_key: Optional[str] = Field(None, min_length=16)
-    # API keys (hashes only), ownership and per-key quotas: see deployments/api_keys.py.
+    # API keys (hashes only), ownership and per-key quotas: see edge/api_keys.py and edge/access.py.
     auth: AuthSettings = AuthSettings()
-    # How long images and subjects are kept, and the collector that deletes them (retention.py).
+    # How long images and subjects are kept, and the collector that deletes them (flow/retention.py).
     retention: RetentionSettings = RetentionSettings()
+    jobs: JobSettings = JobSettings()
     # Replica logs as text or one JSON object per line (with Serve's request_id, which is the
     # X-Request-ID the client sees), for log pipelines behind a load balancer.
     log_encoding: Literal["TEXT", "JSON"] = "TEXT"
@@ -192,9 +230,12 @@ class ServiceSettings(_Strict):
     anchor_stage: DeploymentResources = DeploymentResources(
         num_cpus=1.0, max_ongoing_requests=4, max_queued_requests=32
     )
-    generator: DeploymentResources = DeploymentResources(
-        num_cpus=1.0, min_replicas=1, max_replicas=2, max_ongoing_requests=2, max_queued_requests=128
+    generator: GeneratorResources = GeneratorResources(
+        num_cpus=1.0, min_replicas=1, max_replicas=2, max_ongoing_requests=8, max_queued_requests=128
     )
+    # What clients may hold of each Ingress replica: requests in flight, event streams, header
+    # bytes, how slowly a body may arrive (resources.py).
+    edge: EdgeSettings = EdgeSettings()
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> "ServiceSettings":
@@ -208,16 +249,12 @@ class ServiceSettings(_Strict):
             if value > bound:
                 raise ValueError(f"defaults.{name} ({value}) is above its limit ({bound})")
         self.base_config()  # the method's own checks (multiples of 8, ranges) at build time
-        self.controlnet_id  # a malformed "preset:..." fails here, not in a replica
+        # A malformed "preset:..." fails here, not in a replica.
+        self.model_id
+        if self.controlnet:
+            parse_preset(self.controlnet)
+        self.edge.check_fits(self.ingress)
         return self
-
-    @property
-    def controlnet_id(self) -> Optional[str]:
-        """`controlnet` as the library's loader takes it ("preset:tiny" -> "preset:tiny:0")."""
-        if self.controlnet and self.controlnet.startswith(PRESET_PREFIX):
-            name, seed = preset_name_and_seed(self.controlnet)
-            return f"{PRESET_PREFIX}{name}:{seed}"
-        return self.controlnet
 
     @property
     def body_limit(self) -> int:
@@ -236,10 +273,7 @@ class ServiceSettings(_Strict):
     @property
     def model_id(self) -> str:
         """The id the library gives the loaded model (recorded in caches and subject records)."""
-        if self.model.startswith(PRESET_PREFIX):
-            name, seed = preset_name_and_seed(self.model)
-            return f"{PRESET_PREFIX}{name}:{seed}"
-        return self.model
+        return model_id(self.model)
 
     def base_config(self):
         """The ConsiStoryConfig of a request that sets nothing."""
@@ -254,13 +288,3 @@ class ServiceSettings(_Strict):
             mask_dropout=d.mask_dropout,
             n_anchors=d.n_anchors,
         ).replace(**self.method)
-
-
-def preset_name_and_seed(model: str) -> tuple[str, int]:
-    """"preset:tiny" -> ("tiny", 0); "preset:tiny:3" -> ("tiny", 3)."""
-    parts = model[len(PRESET_PREFIX):].split(":")
-    if len(parts) == 1:
-        return parts[0], 0
-    if len(parts) == 2 and parts[1].isdigit():
-        return parts[0], int(parts[1])
-    raise ValueError(f"model {model!r}: write a preset as 'preset:<name>' or 'preset:<name>:<seed>'")

@@ -10,13 +10,33 @@ import time
 from typing import Any, Iterator
 
 import numpy as np
+import pytest
 import requests
 
+from consistory import ConsiStoryConfig
 from deployments.images import decode_png, from_b64
 
 # 64 px, 3 steps: a whole story takes well under a second per image on one CPU core.
 STEPS, SIZE = 3, 64
-REQUEST_TIMEOUT_S = 120  # no request may hang a test; every call is bounded by this
+# No request may hang a test; every call is bounded by this: the service's own request deadline
+# (600 s), which a machine shared with other heavy work can come near.
+REQUEST_TIMEOUT_S = 600
+APP = "consistory"  # the app name `local_service` deploys under
+SUBJECTS = ["cat"]
+ANCHORS = ["a photo of a cat in the park", "a photo of a cat on the beach"]
+CONFIG = ConsiStoryConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE)  # the service's defaults
+
+
+# Fixtures a service suite imports: its own store for the module, and the library in-process.
+@pytest.fixture(scope="module")
+def store_root(tmp_path_factory: pytest.TempPathFactory):
+    return tmp_path_factory.mktemp("artifacts")
+
+
+@pytest.fixture(scope="module")
+def library(tiny_pipe):
+    """The same tiny model in this process: what the service must agree with."""
+    return tiny_pipe
 
 
 def free_port() -> int:
@@ -85,6 +105,11 @@ def ok_json(response: requests.Response) -> dict[str, Any]:
     return response.json()
 
 
+def create_subject(session: requests.Session, base_url: str, seed: int) -> dict[str, Any]:
+    """A subject of ANCHORS, as POST /v1/subjects answers it."""
+    return ok_json(post(session, f"{base_url}/v1/subjects", {"prompts": ANCHORS, "subjects": SUBJECTS, "seed": seed}))
+
+
 def image_pixels(session: requests.Session, image: dict[str, Any]) -> np.ndarray:
     """The (H, W, 3) uint8 pixels of one answered image, by URL or base64."""
     if "b64_json" in image:
@@ -113,7 +138,7 @@ def replica_actor_names(app: str, deployment: str) -> list[str]:
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
 
 
-def kill_replicas(app: str, deployment: str, timeout_s: float = 60) -> int:
+def kill_replicas(app: str, deployment: str, timeout_s: float = 300) -> int:
     """Kill every replica of a deployment the way a crash would (Serve then starts new ones),
     and return only once Ray's control store lists each as gone: ray.kill merely sends the
     order, and an object its owner still serves while dying is not lost yet."""
@@ -130,7 +155,7 @@ def kill_replicas(app: str, deployment: str, timeout_s: float = 60) -> int:
     return len(names)
 
 
-def wait_replaced(app: str, deployment: str, dead: set[str], base_url: str, timeout_s: float = 180) -> None:
+def wait_replaced(app: str, deployment: str, dead: set[str], base_url: str, timeout_s: float = 600) -> None:
     """Wait until the deployment has a replica that is not one of `dead` and the app is ready."""
     deadline = time.monotonic() + timeout_s
     session = http()
@@ -144,3 +169,13 @@ def wait_replaced(app: str, deployment: str, dead: set[str], base_url: str, time
                 pass
         time.sleep(0.5)
     raise TimeoutError(f"{deployment} of app {app} was not replaced within {timeout_s} s")
+
+
+def replace_replicas(app: str, deployment: str, base_url: str, expected: int | None = None) -> None:
+    """Kill every replica of a deployment and wait until Serve has replaced them: by then Ray
+    has long released the objects they owned (right after a kill, a same-node reader may still
+    find a dying owner's object in shared memory). `expected`: how many there must have been."""
+    dead = set(replica_actor_names(app, deployment))
+    killed = kill_replicas(app, deployment)
+    assert expected is None or killed == expected, f"{killed} {deployment} replicas, expected {expected}"
+    wait_replaced(app, deployment, dead, base_url)

@@ -62,6 +62,7 @@ def cluster_service_args(store: dict[str, Any], **overrides: Any) -> dict[str, A
         request_deadline_s=120,
         log_encoding="TEXT",
         auth={"enabled": False},
+        compile=False,  # inductor on a CPU costs minutes of compiling and pays nothing
     )
     # One (logical) CPU per model replica and one per declared GPU on the workers, as in the
     # manifests, where model replicas fill a GPU node: the Ingress always lands on the head and

@@ -97,6 +97,25 @@ def test_other_config_and_bad_files_are_refused(tiny_pipe, anchors, tmp_path):
         tiny_pipe.generate_from_anchors(anchors.cache, NEW[:2], seeds=[1])
 
 
+def _with_tensors(cache: AnchorCache, tensors: dict) -> AnchorCache:
+    return AnchorCache(cache.subjects, cache.anchor_prompts, cache.seeds, cache.config, cache.model_id,
+                       cache.model_fingerprint, cache.dtype, cache.codec, tensors)
+
+
+def test_a_damaged_cache_is_refused_before_generating(tiny_pipe, anchors):
+    tensors = dict(anchors.cache.tensors)
+    half0 = next(k for k, t in tensors.items() if "/h0/" in k and t.shape[0] > 0)
+    broken = {
+        "lacks 1 tensors": {k: t for k, t in tensors.items() if k != half0},
+        "does not make": {**tensors, half0.replace("/h0/", "/h7/"): tensors[half0]},
+        "not torch.float32": {**tensors, half0: tensors[half0][:, :-8]},
+        "disagree": {**tensors, half0: tensors[half0][1:]},  # one CFG half lost a token row
+    }
+    for message, damaged in broken.items():
+        with pytest.raises(AnchorCacheError, match=message):
+            tiny_pipe.generate_from_anchors(_with_tensors(anchors.cache, damaged), NEW[:1])
+
+
 def test_cache_offloaded_to_cpu_replays_the_same(tiny_pipe, anchors, extension):
     offloaded = tiny_pipe.create_anchors(ANCHORS, SUBJECTS, seed=3, config=CONFIG, output_type="np", cache_device="cpu")
     again = tiny_pipe.generate_from_anchors(offloaded.cache.to("cpu"), NEW, output_type="np")
@@ -116,4 +135,6 @@ def test_half_precision_cache_keeps_the_model_dtype_and_equals_batch():
     assert {str(t.dtype) for k, t in cache.tensors.items() if k.startswith(("shared/", "inject/"))} == {"torch.float16"}
     new = pipe.generate_from_anchors(cache, NEW[:1], output_type="np")
     assert np.isfinite(new.images).all()
-    assert np.abs(new.images - story.images[2:]).max() <= 1e-3
+    # In the story a new image's softmax also spans the anchors' masked padding tokens; in half
+    # precision that rounds differently from the cache's unpadded keys: within one 8-bit level.
+    assert np.abs(new.images - story.images[2:]).max() <= 1 / 255

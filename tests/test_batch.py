@@ -17,7 +17,7 @@ from PIL import Image
 from s3_server import DUMMY_AWS_ENV, aws_dummy_credentials, s3_bucket, s3_client, s3_endpoint  # noqa: F401
 
 from consistory import ConsiStoryConfig
-from consistory.cli import build_parser, main
+from consistory.cli.main import build_parser, main
 from consistory_batch.runner import run_batch
 
 TINY = ["--model", "tiny", "--steps", "2", "--height", "64", "--cpus-per-actor", "0.5", "--no-progress"]

@@ -3,9 +3,9 @@ problems reported on their own, and the key that decides what a rerun skips."""
 
 import pytest
 
-from consistory.cli import build_parser
+from consistory.cli.main import build_parser
 from consistory.errors import UsageError
-from consistory.tokenizer import build_local_clip_tokenizer
+from consistory.presets.tokenizer import build_local_clip_tokenizer
 from consistory_batch.plans import plan_stories, story_key
 from consistory_batch.specs import read_spec
 
@@ -100,14 +100,16 @@ def test_an_unreadable_spec_is_a_usage_error(tmp_path, name, text, fragment):
 def test_a_story_that_cannot_run_is_refused_before_any_model_loads(tmp_path):
     path = tmp_path / "s.jsonl"
     path.write_text("\n".join([
-        '{"id": "one-prompt", "prompts": ["a dog"], "subjects": ["dog"]}',
+        '{"id": "one-prompt", "prompts": ["a dog"], "subjects": ["dog"], "n_anchors": 2}',
         '{"id": "no-subject", "prompts": ["a dog", "a cat"], "subjects": ["dog"]}',
         '{"id": "odd-size", "prompts": ["a dog", "a dog running"], "subjects": ["dog"], "height": 65}',
         '{"id": "fine", "prompts": ["a dog"], "subjects": ["dog"], "n_anchors": 1}',
+        '{"id": "default-anchors", "prompts": ["a dog"], "subjects": ["dog"]}',
     ]))
     stories, _ = read_spec(path)
     plans, problems = plan_stories(stories, batch_args(), "tiny", "float32", build_local_clip_tokenizer())
-    assert [p.id for p in plans] == ["fine"]
+    assert [p.id for p in plans] == ["fine", "default-anchors"]
+    assert plans[1].config.n_anchors == 1  # as the CLI and the service: all the prompts it has
     errors = {p.id: p.error for p in problems}
     assert "n_anchors is 2 but the story has 1 prompt(s)" in errors["one-prompt"]
     assert "'a cat' contains none of the subjects" in errors["no-subject"]
@@ -125,3 +127,16 @@ def test_the_key_follows_what_shapes_the_images(tmp_path):
         assert plan_stories([story], changed, "tiny", "float32", None)[0][0].key != plan.key
     assert story_key("preset:tiny:1", "float32", story, plan.config) != plan.key
     assert story_key("tiny", "float16", story, plan.config) != plan.key
+
+
+def test_a_story_that_sets_only_its_height_keeps_the_command_lines_width(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text("\n".join([
+        '{"id": "tall", "prompts": ["a dog", "a dog running"], "subjects": ["dog"], "height": 96}',
+        '{"id": "wide", "prompts": ["a dog", "a dog running"], "subjects": ["dog"], "width": 96}',
+    ]))
+    stories, _ = read_spec(path)
+    plans, _ = plan_stories(stories, batch_args("--width", "64"), "tiny", "float32", build_local_clip_tokenizer())
+    assert [(p.config.height, p.config.width) for p in plans] == [(96, 64), (128, 96)]
+    plans, _ = plan_stories(stories, batch_args(), "tiny", "float32", build_local_clip_tokenizer())
+    assert [(p.config.height, p.config.width) for p in plans] == [(96, 96), (128, 96)]

@@ -23,7 +23,7 @@ from browser_helpers import console_errors, start_chromium, system_browser, wait
 from PIL import Image
 from service_helpers import REQUEST_TIMEOUT_S, http, local_service, ok_json, tiny_service_args
 
-from deployments.api_keys import hash_token, new_token
+from deployments.edge.api_keys import hash_token, new_token
 
 pytestmark = pytest.mark.browser
 
@@ -122,7 +122,7 @@ def test_without_a_key_the_page_asks_for_one_and_shows_the_apis_401_next_to_the_
 
 
 def test_the_style_shortcut_builds_the_prompts_the_cli_builds(service, browser):
-    from consistory.prompt_text import setting_prompt
+    from consistory.cli.prompt_text import setting_prompt
 
     cases = [("A photo of", "cat", "in the park"), ("A photo of", "old wizard", "reading"),
              ("A photo of the", "dog", "on a sofa"), ("A watercolor of", "unicorn", "in a field"),

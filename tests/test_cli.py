@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from consistory.cli import main
+from consistory.cli.main import main
 
 TINY = ["--model", "tiny", "--steps", "3", "--height", "64", "--width", "64", "--no-progress"]
 ANCHOR_PROMPTS = ["a dog running in a field", "a dog asleep on a sofa"]
@@ -216,10 +216,19 @@ def test_help_answers_without_loading_torch():
 
 
 def test_more_anchors_than_prompts_is_refused(tmp_path, capsys):
-    argv = ["generate", "--subject", "dog", "--prompt", "a dog on a hill"]  # 1 prompt, 2 anchors by default
+    argv = ["generate", "--subject", "dog", "--prompt", "a dog on a hill", "--n-anchors", "2"]
     assert main([*argv, *TINY, "--out", str(tmp_path)]) == 2
-    assert_one_line_error(capsys.readouterr().err, "1 prompt(s) for 2 anchors (the default)", "--n-anchors 1")
+    assert_one_line_error(capsys.readouterr().err, "1 prompt(s) for 2 anchors", "--n-anchors 1")
     assert not (tmp_path / "story.json").exists()
+
+
+def test_a_one_prompt_story_with_the_default_anchors_is_made_as_over_http(tmp_path, capsys):
+    """The service answers a 1-prompt story (its one prompt is its anchor); so does the CLI."""
+    argv = ["generate", "--subject", "dog", "--prompt", "a dog on a hill", "--no-progress"]
+    assert main([*argv, *TINY, "--out", str(tmp_path)]) == 0
+    assert "wrote 1 image, grid.png" in capsys.readouterr().out
+    record = json.loads((tmp_path / "story.json").read_text())
+    assert record["n_anchors"] == 1 and record["config"]["n_anchors"] == 1 and len(record["files"]) == 1
 
 
 def test_the_progress_bar_counts_each_pass_in_the_steps_the_user_set(tmp_path, capsys):

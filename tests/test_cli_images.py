@@ -11,9 +11,9 @@ from test_controlnet import pose
 from test_photo_anchors import dog_photo
 
 from consistory import ConsiStoryPipeline
-from consistory.cli import main
+from consistory.cli.main import main
 from consistory.config import ConsiStoryConfig
-from consistory.presets import build_preset_controlnet
+from consistory.presets.sdxl import build_preset_controlnet
 
 ANCHOR_PROMPTS = ["a photo of my dog", "a dog asleep on a sofa"]
 NEW_PROMPTS = ["a dog on a boat", "a dog in the snow"]

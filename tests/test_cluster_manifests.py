@@ -92,7 +92,7 @@ def full_unet():
     import torch
     from diffusers import UNet2DConditionModel
 
-    from consistory.presets import unet_config
+    from consistory.presets.sdxl import unet_config
 
     with torch.device("meta"):
         return UNet2DConditionModel(**unet_config("full"))
@@ -149,7 +149,7 @@ def test_object_store_holds_the_caches_a_node_keeps(manifest: str, full_unet) ->
     the chunks they read) and, on an AnchorStage's node, the chunks every Ingress replica keeps
     of recent subjects; and it fits in the node's shared memory and leaves room for the model."""
     from consistory import ConsiStoryConfig
-    from consistory.cache_size import MaskStats, count_cache_bytes
+    from consistory.cache.size import MaskStats, count_cache_bytes
 
     workers, s = GROUPS[manifest](), settings()
     d = s.defaults
@@ -198,3 +198,26 @@ def test_the_two_manifests_describe_the_same_cluster() -> None:
     ray_version = rayservice()["spec"]["rayClusterConfig"]["rayVersion"]
     assert launcher()["docker"]["image"].startswith(f"rayproject/ray:{ray_version}-")
     assert f"rayproject/ray:{ray_version}-" in (ROOT / "cluster" / "README.md").read_text()
+
+
+def test_generators_scale_on_batches_and_hold_one_while_the_next_gathers() -> None:
+    """A Generator makes up to max_batch_images images of a subject in one UNet batch, so its
+    useful concurrency is a batch, not one request: autoscaling adds a replica only once the
+    replicas hold a batch each (a target of 1 would scale out at a single request and leave every
+    replica making batches of one), and Serve lets a replica hold a batch being made and the
+    next one gathering."""
+    generator = settings().generator
+    assert generator.max_batch_images > 1 and generator.batch_wait_ms > 0
+    assert generator.target_ongoing_requests >= generator.max_batch_images
+    assert generator.max_ongoing_requests >= 2 * generator.max_batch_images
+    assert generator.batch_size == generator.max_batch_images
+    assert settings().compile and settings().warm_up  # compiled before a replica takes requests
+
+
+def test_the_ingress_takes_far_more_requests_than_the_edge_admits() -> None:
+    # A request the edge refuses still holds one of the replica's Serve slots while it is
+    # answered. With slots to spare, a storm of them never fills the replica and the probes never
+    # wait in the proxy's queue (tests/test_service_soak.py: probes' p99 0.11 s with 512 slots for
+    # 60 admitted, 0.3-2 s with 64).
+    s = settings()
+    assert s.ingress.max_ongoing_requests >= 4 * s.edge.admitted(s.ingress)

@@ -8,9 +8,9 @@ from safetensors import safe_open
 from story_prompts import ANCHORS, CONFIG, NEW, SUBJECTS
 
 from consistory import AnchorCache, AnchorCacheError, ConsiStoryPipeline, vanilla_config
-from consistory.cache_layout import read_buffers, serialize
-from consistory.cache_size import MaskStats, count_cache_bytes
-from consistory.quantization import (
+from consistory.cache.layout import read_buffers, serialize
+from consistory.cache.size import MaskStats, count_cache_bytes
+from consistory.cache.quantization import (
     channel_divisor,
     dequantize_halves,
     dequantize_rows,
@@ -133,6 +133,16 @@ def test_byte_count_from_layer_shapes_agrees_with_real_caches(preset, size, code
     cache = pipe.create_anchors(ANCHORS, SUBJECTS, seed=1, config=config, output_type="latent", cache_codec=codec).cache
     counted = count_cache_bytes(pipe.sdxl.unet, config, MaskStats.of_cache(cache, pipe.sdxl.unet), codec, dtype_bytes=4)
     assert abs(counted["total"] - cache.nbytes) <= 0.05 * cache.nbytes
+
+
+def test_a_compact_cache_missing_pass_1s_own_rows_is_refused(tiny_pipe, caches):
+    _, compact = caches
+    own = next(k for k in compact.cache.tensors if k.startswith("shared/p1x/"))
+    tensors = {k: t for k, t in compact.cache.tensors.items() if k != own}
+    cache = AnchorCache(compact.cache.subjects, compact.cache.anchor_prompts, compact.cache.seeds, compact.cache.config,
+                        compact.cache.model_id, compact.cache.model_fingerprint, compact.cache.dtype, "compact", tensors)
+    with pytest.raises(AnchorCacheError, match=f"lacks 1 tensors, e.g. '{own}'"):
+        tiny_pipe.generate_from_anchors(cache, NEW[:1])
 
 
 def test_a_version_1_file_is_refused_with_a_message_to_recreate_it(caches, tmp_path):

@@ -7,7 +7,7 @@ from PIL import Image, ImageDraw
 from story_prompts import ANCHORS, CONFIG, NEW, SUBJECTS
 
 from consistory import AnchorCache, ConsiStoryPipeline, InputError, vanilla_config
-from consistory.presets import build_preset_controlnet
+from consistory.presets.sdxl import build_preset_controlnet
 from consistory.seeds import initial_latents
 
 PROMPTS = ANCHORS + NEW

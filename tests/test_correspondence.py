@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from consistory.correspondence import (
+from consistory.method.correspondence import (
     MASKED_DISTANCE,
     gaussian_kernel,
     inject_features,
@@ -72,7 +72,7 @@ def test_plan_points_into_the_bank_of_masked_source_tokens():
 def test_inject_features_blends_only_targets():
     out = torch.zeros(1, 3, 2)
     bank = torch.tensor([[1.0, 1.0], [2.0, 2.0]])
-    from consistory.correspondence import InjectionPlan
+    from consistory.method.correspondence import InjectionPlan
 
     plan = InjectionPlan(bank_index=torch.tensor([[1, 0, 0]]), targets=torch.tensor([[True, False, True]]))
     result = inject_features(out, bank, plan, alpha=0.8)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from story_prompts import ANCHORS, CONFIG, SUBJECTS
 
-from consistory.correspondence import smooth_features
-from consistory.denoise import nearest_step
+from consistory.method.correspondence import smooth_features
+from consistory.method.denoise import nearest_step
 
 
 def _anchors_with_block_outputs(pipe, config):

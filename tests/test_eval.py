@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from consistory.cli import main
+from consistory.cli.main import main
 from consistory.errors import UsageError
 from consistory_batch.clip_scores import ClipEmbedder
 from consistory_batch.consistency import CLIP_IMAGE, consistency_embedder, mean_pairwise_similarity

@@ -11,8 +11,10 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from deployments.http_edge import EdgeLimits, HttpEdge, RequestIdLogFilter, current_request_id, too_deep
-from deployments.signed_urls import check_signature, signed_url
+from deployments.edge.bodies import too_deep
+from deployments.edge.http_edge import EdgeLimits, HttpEdge
+from deployments.flow.signed_urls import check_signature, signed_url
+from deployments.request_ids import RequestIdLogFilter, current_request_id
 
 SECRET = b"k" * 32
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from skimage.filters import threshold_otsu
 
-from consistory.grids import Grids
-from consistory.otsu import otsu_below, otsu_mask, otsu_threshold
-from consistory.subject_masks import CrossAttentionWindow, MaskDropout, masks_from_maps
+from consistory.method.grids import Grids
+from consistory.method.otsu import otsu_below, otsu_mask, otsu_threshold
+from consistory.method.subject_masks import MASK_SEED_OFFSET, CrossAttentionWindow, MaskDropout, masks_from_maps
 
 
 def test_otsu_separates_two_populations():
@@ -117,22 +117,31 @@ def test_window_keeps_only_the_last_records():
     assert torch.allclose(window.aggregate(), torch.full((1, 1, 4), 2.0))
 
 
+def _kept(seeds, rate, draws=1, n=4096):
+    return MaskDropout(seeds, rate).keep(draws, {"fine": n})["fine"]  # (draws, B, n)
+
+
 def test_dropout_rate_and_reproducibility():
-    mask = torch.ones(1, 4096, dtype=torch.bool)
-    first = MaskDropout([7], 0.5)({"fine": mask}, ["fine"])["fine"]
-    again = MaskDropout([7], 0.5)({"fine": mask}, ["fine"])["fine"]
-    other = MaskDropout([8], 0.5)({"fine": mask}, ["fine"])["fine"]
+    first = _kept([7], 0.5)[0, 0]
     assert abs(first.float().mean().item() - 0.5) < 0.05
-    assert torch.equal(first, again)
-    assert not torch.equal(first, other)
-    rate_08 = MaskDropout([7], 0.8)({"fine": mask}, ["fine"])["fine"].float().mean().item()
-    assert abs(rate_08 - 0.2) < 0.04
+    assert torch.equal(first, _kept([7], 0.5)[0, 0])
+    assert not torch.equal(first, _kept([8], 0.5)[0, 0])
+    assert abs(_kept([7], 0.8)[0, 0].float().mean().item() - 0.2) < 0.04
 
 
-def test_dropout_never_adds_tokens_and_is_independent_of_the_batch():
-    g = torch.Generator().manual_seed(1)
-    masks = torch.rand(3, 256, generator=g) > 0.6
-    alone = MaskDropout([11], 0.5)({"fine": masks[2:]}, ["fine"])["fine"][0]
-    batched = MaskDropout([5, 6, 11], 0.5)({"fine": masks}, ["fine"])["fine"][2]
+def test_dropout_is_independent_of_the_batch():
+    alone = _kept([11], 0.5, draws=3, n=256)[:, 0]
+    batched = _kept([5, 6, 11], 0.5, draws=3, n=256)[:, 2]
     assert torch.equal(alone, batched)
-    assert not (batched & ~masks[2]).any()
+
+
+def test_dropout_draws_come_step_by_step_grid_by_grid():
+    # Drawn up front, a step's draw is what drawing step by step would give: it does not depend
+    # on how many steps are drawn, and every step draws the coarse grid, then the fine one.
+    tokens = {"coarse": 16, "fine": 64}
+    few, many = (MaskDropout([3, 4], 0.5).keep(draws, tokens) for draws in (2, 5))
+    for grid in tokens:
+        assert torch.equal(few[grid], many[grid][:2])
+    stream = torch.rand(5 * 80, generator=torch.Generator().manual_seed((4 + MASK_SEED_OFFSET) % 2**64))
+    steps = (stream >= 0.5).reshape(5, 80)
+    assert torch.equal(many["coarse"][:, 1], steps[:, :16]) and torch.equal(many["fine"][:, 1], steps[:, 16:])

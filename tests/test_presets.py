@@ -12,9 +12,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from consistory.presets import PRESETS, build_preset_sdxl
-from consistory.tiny import build_tiny_sdxl
-from consistory.tokenizer import COMMON_WORDS, build_local_clip_tokenizer, local_vocab_size
+from consistory.presets.sdxl import PRESETS, build_preset_sdxl
+from consistory.presets.tiny import build_tiny_sdxl
+from consistory.presets.tokenizer import COMMON_WORDS, build_local_clip_tokenizer, local_vocab_size
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from consistory.prompt_text import setting_prompt
+from consistory.cli.prompt_text import setting_prompt
 
 
 @pytest.mark.parametrize(

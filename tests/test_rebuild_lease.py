@@ -1,5 +1,6 @@
-"""Create-if-absent and the rebuild lease built on it, on the local directory and on S3 (moto on
-loopback): of many replicas that find a subject's cache lost at once, one rebuilds it."""
+"""Create-if-absent and the leases built on it (deployments/flow/leases.py), on the local
+directory and on S3 (moto on loopback): of many replicas that find a subject's cache lost at
+once, one rebuilds it; a job's runner keeps its lease by renewing it."""
 
 from __future__ import annotations
 
@@ -11,13 +12,8 @@ import time
 import pytest
 
 from deployments.artifact_store import ArtifactStore
-from deployments.subjects import (
-    acquire_rebuild_lease,
-    lease_key,
-    new_subject_id,
-    rebuild_lease_held,
-    release_rebuild_lease,
-)
+from deployments.flow.leases import Lease, rebuild_lease, rebuild_lease_key, runner_lease
+from deployments.flow.subjects import new_subject_id
 from s3_server import aws_dummy_credentials, each_store, s3_bucket, s3_endpoint  # noqa: F401
 
 CONTENDERS = 8
@@ -50,26 +46,38 @@ def test_create_exclusive_has_one_winner_and_keeps_its_bytes(store: ArtifactStor
 
 def test_one_replica_of_many_gets_the_lease_until_it_releases_it(store: ArtifactStore) -> None:
     subject = new_subject_id()
-    won = _all_at_once(CONTENDERS, lambda i: acquire_rebuild_lease(store, subject, f"replica-{i}", ttl_s=60))
+    won = _all_at_once(CONTENDERS, lambda i: rebuild_lease(store, subject, f"replica-{i}", ttl_s=60).acquire())
     assert won.count(True) == 1
-    assert rebuild_lease_held(store, subject)
-    assert json.loads(store.get(lease_key(subject)))["owner"] == f"replica-{won.index(True)}"
-    assert not acquire_rebuild_lease(store, subject, "latecomer", ttl_s=60)
-    release_rebuild_lease(store, subject)
-    assert not rebuild_lease_held(store, subject)
-    assert acquire_rebuild_lease(store, subject, "next", ttl_s=60)
+    assert rebuild_lease(store, subject, "anyone", ttl_s=60).held()
+    assert json.loads(store.get(rebuild_lease_key(subject)))["owner"] == f"replica-{won.index(True)}"
+    assert not rebuild_lease(store, subject, "latecomer", ttl_s=60).acquire()
+    rebuild_lease(store, subject, f"replica-{won.index(True)}", ttl_s=60).release()
+    assert not rebuild_lease(store, subject, "anyone", ttl_s=60).held()
+    assert rebuild_lease(store, subject, "next", ttl_s=60).acquire()
 
 
 def test_the_lease_of_a_dead_holder_is_taken_over_after_it_expires(store: ArtifactStore) -> None:
     subject = new_subject_id()
-    assert acquire_rebuild_lease(store, subject, "died", ttl_s=0.2)
-    assert not acquire_rebuild_lease(store, subject, "waiting", ttl_s=60)
+    assert rebuild_lease(store, subject, "died", ttl_s=0.2).acquire()
+    assert not rebuild_lease(store, subject, "waiting", ttl_s=60).acquire()
     time.sleep(0.4)
-    assert acquire_rebuild_lease(store, subject, "waiting", ttl_s=60)
-    assert json.loads(store.get(lease_key(subject)))["owner"] == "waiting"
+    assert rebuild_lease(store, subject, "waiting", ttl_s=60).acquire()
+    assert json.loads(store.get(rebuild_lease_key(subject)))["owner"] == "waiting"
 
 
 def test_an_unreadable_lease_does_not_block_rebuilds_forever(store: ArtifactStore) -> None:
     subject = new_subject_id()
-    store.put(lease_key(subject), b"\x00 not json", "application/json")
-    assert acquire_rebuild_lease(store, subject, "replica", ttl_s=60)
+    store.put(rebuild_lease_key(subject), b"\x00 not json", "application/json")
+    assert rebuild_lease(store, subject, "replica", ttl_s=60).acquire()
+
+
+def test_a_renewed_lease_outlives_its_first_expiry(store: ArtifactStore) -> None:
+    holder = Lease(store, "jobs/x/runner.lease", "runner", ttl_s=0.5)
+    assert holder.acquire()
+    for _ in range(3):
+        time.sleep(0.3)
+        holder.renew()
+        assert not Lease(store, holder.key, "sweeper", ttl_s=0.5).acquire()
+    time.sleep(0.7)  # no more renewals: the holder is presumed dead
+    assert Lease(store, holder.key, "sweeper", ttl_s=0.5).acquire()
+    assert runner_lease(store, "x", "sweeper").key == holder.key

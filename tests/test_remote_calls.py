@@ -1,6 +1,6 @@
-"""How the Ingress calls replicas (deployments/remote.py), against real Ray actors: a call whose
-worker process dies while running it is not retried (the call may be what killed it), while a
-worker stopped from outside is retried on a fresh one."""
+"""How the story flow calls replicas (deployments/flow/remote.py), against real Ray actors: a
+call whose worker process dies while running it is not retried (the call may be what killed it),
+while a worker stopped from outside is retried on a fresh one."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import os
 from pathlib import Path
 
 import pytest
-from fastapi import HTTPException
 
 ray = pytest.importorskip("ray")
 
-from deployments.remote import call  # noqa: E402
+from deployments.errors import ServiceError  # noqa: E402
+from deployments.flow.remote import call  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def _attempts(log: Path) -> int:
 def test_a_call_that_kills_its_worker_is_not_retried(local_ray, tmp_path: Path) -> None:
     log = tmp_path / "calls"
     worker = Worker.remote(str(log))
-    with pytest.raises(HTTPException) as raised:
+    with pytest.raises(ServiceError) as raised:
         asyncio.run(call(lambda: worker.run.remote("dies"), "Generator", retry_after_s=7))
     assert raised.value.status_code == 503 and raised.value.headers["Retry-After"] == "7"
     assert "died while making this request" in raised.value.detail

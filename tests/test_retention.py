@@ -8,8 +8,8 @@ import time
 import pytest
 
 from deployments.artifact_store import ArtifactStore
-from deployments.retention import ORPHAN_CLAIM_S, RetentionSettings, collect, collect_if_due
-from deployments.subjects import (
+from deployments.flow.retention import ORPHAN_CLAIM_S, RetentionSettings, collect, collect_if_due
+from deployments.flow.subjects import (
     cache_key,
     claim_subject,
     image_key,
@@ -75,7 +75,7 @@ def test_one_collector_per_interval_and_none_when_off(store: ArtifactStore) -> N
 
 
 def test_finished_jobs_go_after_their_age_and_running_ones_stay(store: ArtifactStore) -> None:
-    from deployments.jobs import JobRecord, job_key, new_job_id, save_job
+    from deployments.flow.jobs import JobRecord, job_key, new_job_id, save_job
 
     def job(status: str) -> str:
         now = time.time()

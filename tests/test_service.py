@@ -1,78 +1,30 @@
 """The service end to end: a real local Ray Serve app over real HTTP, local artifact store.
+Stories, subjects and bad input (lost caches and overload: test_service_recovery.py).
 
-One app (tiny preset, 64 px, 3 steps, 2 Generator replicas) serves every test of the module;
-the overload test adds a second, deliberately small app next to it.
+One app (tiny preset, 64 px, 3 steps, 2 Generator replicas) serves every test of the module.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import json
-import time
 from pathlib import Path
 
 import pytest
 from service_helpers import (
-    REQUEST_TIMEOUT_S,
-    SIZE,
-    STEPS,
-    assert_same_pixels,
-    blank_store_env,
-    free_port,
-    http,
-    image_pixels,
-    kill_replicas,
-    ok_json,
-    post,
-    replica_actor_names,
-    tiny_service_args,
-    wait_replaced,
+    ANCHORS, CONFIG, SUBJECTS, assert_same_pixels, create_subject, image_pixels, local_service, ok_json, post,
+    tiny_service_args
 )
+from service_helpers import library, store_root  # noqa: F401 (fixtures)
 
-from consistory import ConsiStoryConfig, ConsiStoryPipeline
+from consistory import ConsiStoryConfig
 
-APP = "consistory"
-SUBJECTS = ["cat"]
-ANCHORS = ["a photo of a cat in the park", "a photo of a cat on the beach"]
 NEW = ["a cat in the snow", "a watercolor painting of a cat", "a cat reading a book"]
-CONFIG = ConsiStoryConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE)
-
-
-@pytest.fixture(scope="module")
-def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("artifacts")
 
 
 @pytest.fixture(scope="module")
 def service(store_root: Path):
     """Base URL of the running app; Serve and Ray are always shut down afterwards."""
-    import ray
-    from ray import serve
-
-    from deployments.local import start_local
-
-    port = free_port()
-    try:
-        base_url = start_local(
-            tiny_service_args({"kind": "local", "root": str(store_root)}),
-            port=port,
-            num_cpus=2,
-            env_vars=blank_store_env(),
-        )
+    with local_service(tiny_service_args({"kind": "local", "root": str(store_root)})) as base_url:
         yield base_url
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def library(tiny_pipe) -> ConsiStoryPipeline:
-    """The same tiny model in this process: what the service must agree with."""
-    return tiny_pipe
-
-
-def _create_subject(client, service, seed: int) -> dict:
-    return ok_json(post(client, f"{service}/v1/subjects", {"prompts": ANCHORS, "subjects": SUBJECTS, "seed": seed}))
 
 
 # --- probes ---
@@ -115,7 +67,7 @@ def test_story_b64_json_gives_the_same_images(client, service):
 
 # --- subjects ---
 def test_subject_create_get_extend_delete(client, service, library, store_root):
-    created = _create_subject(client, service, seed=20)
+    created = create_subject(client, service, seed=20)
     subject_id = created["subject_id"]
     assert [im["seed"] for im in created["images"]] == [20, 21]
     anchors = library.create_anchors(ANCHORS, SUBJECTS, seed=20, config=CONFIG)
@@ -196,7 +148,7 @@ def test_bad_request_gets_an_actionable_4xx(client, service, path, body, status,
 
 
 def test_bad_requests_on_an_existing_subject(client, service):
-    subject_id = _create_subject(client, service, seed=30)["subject_id"]
+    subject_id = create_subject(client, service, seed=30)["subject_id"]
     url = f"{service}/v1/subjects/{subject_id}/images"
     wrong_count = post(client, url, {"prompts": NEW[:2], "seeds": [1]})
     assert wrong_count.status_code == 422 and "got 1 seeds for 2 prompts" in wrong_count.json()["detail"]
@@ -213,105 +165,3 @@ def test_unknown_subject_and_artifact_are_404(client, service):
         response = client.request(method, service + path, timeout=30)
         assert response.status_code == 404, (method, path, response.text)
         assert response.json()["detail"]
-
-
-# --- no lost subjects ---
-def test_cache_survives_its_owner_and_its_artifact(client, service, library, store_root):
-    """A cache object dies with the AnchorStage replica that put it; new images of the subject
-    still come out the same, first from the stored cache, then (cache deleted too) from a
-    rebuild out of the subject record."""
-    prompt = NEW[0]
-    reference = {}
-    for seed in (40, 50):
-        cache = library.create_anchors(ANCHORS, SUBJECTS, seed=seed, config=CONFIG).cache
-        reference[seed] = library.generate_from_anchors(cache, [prompt]).images[0]
-
-    # 1. The owner dies (and Serve replaces it); the stored cache is loaded instead.
-    subject_id = _create_subject(client, service, seed=40)["subject_id"]
-    _kill_anchor_stage(service)
-    answer = ok_json(post(client, f"{service}/v1/subjects/{subject_id}/images", {"prompts": [prompt]}))
-    assert_same_pixels(image_pixels(client, answer["images"][0]), reference[40])
-
-    # 2. The owner dies and the stored cache is gone too; the record rebuilds it.
-    subject_id = _create_subject(client, service, seed=50)["subject_id"]
-    cache_file = store_root / "subjects" / subject_id / "anchor_cache.safetensors"
-    cache_file.unlink()
-    _kill_anchor_stage(service)
-    answer = ok_json(post(client, f"{service}/v1/subjects/{subject_id}/images", {"prompts": [prompt]}))
-    assert_same_pixels(image_pixels(client, answer["images"][0]), reference[50])
-    assert cache_file.is_file(), "the rebuilt cache is persisted again"
-
-
-def test_new_images_take_the_cache_through_the_object_store(client, service, library, store_root):
-    """The cache goes from the AnchorStage to a Generator as an ObjectRef: with its stored copy
-    removed, a new image still comes out right and nothing was rebuilt (a rebuild would store
-    the cache again)."""
-    subject_id = _create_subject(client, service, seed=60)["subject_id"]
-    cache_file = store_root / "subjects" / subject_id / "anchor_cache.safetensors"
-    assert cache_file.is_file()
-    over_http = client.get(f"{service}/v1/artifacts/subjects/{subject_id}/anchor_cache.safetensors", timeout=10)
-    assert over_http.status_code == 404, "anchor caches are never served over HTTP"
-    cache_file.unlink()
-    answer = ok_json(post(client, f"{service}/v1/subjects/{subject_id}/images", {"prompts": NEW[:1]}))
-    cache = library.create_anchors(ANCHORS, SUBJECTS, seed=60, config=CONFIG).cache
-    assert_same_pixels(image_pixels(client, answer["images"][0]), library.generate_from_anchors(cache, NEW[:1]).images[0])
-    assert not cache_file.exists(), "the cache was rebuilt instead of taken from the object store"
-
-
-def _kill_anchor_stage(service: str) -> None:
-    """Kill the AnchorStage replica and wait until Serve has replaced it: by then Ray has long
-    released the objects it owned (right after a kill, a same-node reader may still find a
-    dying owner's object in shared memory)."""
-    dead = set(replica_actor_names(APP, "AnchorStage"))
-    assert kill_replicas(APP, "AnchorStage") == 1
-    wait_replaced(APP, "AnchorStage", dead, service)
-
-
-# --- overload ---
-def test_overload_answers_503_with_retry_after_never_hangs(client, service, store_root):
-    """A second app with one slow Generator and tiny queues, flooded: every request is answered
-    in bounded time, either 200 or 503 with Retry-After."""
-    from ray import serve
-
-    from deployments.local import run_app
-
-    port = int(service.rsplit(":", 1)[1])
-    args = tiny_service_args(
-        {"kind": "local", "root": str(store_root / "overload")},
-        generators=1,
-        # The proxy lets 4 + 1 requests in; their generator calls find room for 1 + 2.
-        ingress={"num_cpus": 0.05, "max_ongoing_requests": 4, "max_queued_requests": 1},
-        generator={"num_cpus": 0.2, "min_replicas": 1, "max_replicas": 1,
-                   "max_ongoing_requests": 1, "max_queued_requests": 2},
-    )
-    base = run_app(args, name="overload", route_prefix="/overload", port=port)
-    try:
-        created = post(client, f"{base}/v1/subjects", {"prompts": ANCHORS, "subjects": SUBJECTS, "seed": 1})
-        subject_id = ok_json(created)["subject_id"]
-        url = f"{base}/v1/subjects/{subject_id}/images"
-
-        def one(_: int) -> tuple[int, dict, str, float]:
-            started = time.monotonic()
-            with http() as session:
-                response = post(session, url, {"prompts": NEW[:1]})
-            return response.status_code, dict(response.headers), response.text, time.monotonic() - started
-
-        with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
-            results = list(pool.map(one, range(16)))
-    finally:
-        serve.delete("overload")
-
-    statuses = [status for status, _, _, _ in results]
-    kinds = [h.get("content-type", "?") for status, h, _, _ in results if status == 503]
-    print(f"overload: {statuses.count(200)} x 200, 503 by content type: "
-          f"{ {k: kinds.count(k) for k in set(kinds)} }")
-    assert set(statuses) <= {200, 503}, statuses
-    assert 503 in statuses and 200 in statuses, statuses
-    for status, headers, text, elapsed in results:
-        assert elapsed < REQUEST_TIMEOUT_S
-        if status == 503:
-            assert int(headers["retry-after"]) >= 1
-            # Serve's proxy answers a full Ingress queue in plain text; the Ingress itself
-            # answers a full Generator queue in FastAPI's shape.
-            if headers.get("content-type") == "application/json":
-                assert "at capacity" in json.loads(text)["detail"]

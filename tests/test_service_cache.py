@@ -12,34 +12,13 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 from service_helpers import (
-    SIZE,
-    STEPS,
-    assert_same_pixels,
-    blank_store_env,
-    free_port,
-    image_pixels,
-    ok_json,
-    post,
-    replica_actor_names,
-    kill_replicas,
-    tiny_service_args,
-    wait_replaced,
+    ANCHORS, APP, CONFIG, SUBJECTS, assert_same_pixels, create_subject, image_pixels, local_service, ok_json,
+    post, replace_replicas, tiny_service_args
 )
+from service_helpers import library, store_root  # noqa: F401 (fixtures)
 
-from consistory import ConsiStoryConfig, ConsiStoryPipeline
-
-APP = "consistory"
-SUBJECTS = ["cat"]
-ANCHORS = ["a photo of a cat in the park", "a photo of a cat on the beach"]
 PROMPT = "a cat in the snow"
-CONFIG = ConsiStoryConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE)
 CHUNK = 8 * 1024
-
-
-@pytest.fixture(scope="module")
-def library(tiny_pipe) -> ConsiStoryPipeline:
-    """The same tiny model in this process: what the service must agree with."""
-    return tiny_pipe
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +27,7 @@ def cache_bytes(library) -> int:
 
 
 @pytest.fixture(scope="module")
-def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("artifacts")
-
-
-@pytest.fixture(scope="module")
 def service(store_root: Path, cache_bytes: int):
-    import ray
-    from ray import serve
-
-    from deployments.local import start_local
-
     args = tiny_service_args(
         {"kind": "local", "root": str(store_root)},
         generators=1,
@@ -68,11 +37,8 @@ def service(store_root: Path, cache_bytes: int):
         cache_lru_bytes=int(2.5 * cache_bytes),
         ingress_cache_refs=2,
     )
-    try:
-        yield start_local(args, port=free_port(), num_cpus=2, env_vars=blank_store_env())
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with local_service(args) as base_url:
+        yield base_url
 
 
 def _expected(library, seed: int):
@@ -81,7 +47,7 @@ def _expected(library, seed: int):
 
 
 def _create(client, service, seed: int) -> str:
-    return ok_json(post(client, f"{service}/v1/subjects", {"prompts": ANCHORS, "subjects": SUBJECTS, "seed": seed}))["subject_id"]
+    return create_subject(client, service, seed)["subject_id"]
 
 
 def _image(client, service, subject_id: str):
@@ -121,9 +87,7 @@ def test_replica_lru_is_bounded_in_bytes(client, service, cache_bytes):
 def test_cache_read_in_place_outlives_its_owner(client, service, library):
     subject_id = _create(client, service, seed=31)
     first = _image(client, service, subject_id)  # loaded from the owner's chunks
-    dead = set(replica_actor_names(APP, "AnchorStage"))
-    assert kill_replicas(APP, "AnchorStage") == 1
-    wait_replaced(APP, "AnchorStage", dead, service)
+    replace_replicas(APP, "AnchorStage", service, expected=1)
     assert subject_id in _generator_caches()["subjects"]
     again = _image(client, service, subject_id)  # from the replica's LRU
     assert (again == first).all()

@@ -38,6 +38,9 @@ def test_laptop_config_fits_two_cores() -> None:
     )
     assert cpus <= 2
     assert settings.generator.max_queued_requests >= settings.limits.max_prompts
+    # A replica holds a full batch of one subject's images, and compiling does not pay on a CPU.
+    assert settings.generator.max_ongoing_requests >= settings.generator.max_batch_images > 1
+    assert not settings.compile
 
 
 def test_rayservice_embeds_the_cluster_serve_config() -> None:
@@ -119,7 +122,7 @@ def test_grafana_dashboard_queries_metrics_that_exist() -> None:
 
     source = (ROOT / "deployments" / "metrics.py").read_text()
     ours = set(re.findall(r'(?:Counter|Gauge|Histogram)\(\s*"(consistory_[a-z_]+)"', source))
-    assert len(ours) == 7
+    assert len(ours) == 8
     dashboard = json.loads((ROOT / "cluster" / "grafana-dashboard.json").read_text())
     queried = {name for panel in dashboard["panels"] for target in panel["targets"]
                for name in re.findall(r"\bray_[a-z_]+", target["expr"])}
@@ -129,3 +132,49 @@ def test_grafana_dashboard_queries_metrics_that_exist() -> None:
         assert base in ours, f"the dashboard queries {name}, which deployments/metrics.py does not define"
     assert {re.sub(r"_(total|bucket)$", "", n.removeprefix("ray_")) for n in queried - serve_own} == ours
     assert metrics.LATENCY_BOUNDARIES == sorted(metrics.LATENCY_BOUNDARIES)
+
+
+KEY = {"name": "alice", "sha256": "0" * 64}
+
+
+def test_configured_keys_turn_auth_on_and_keys_with_auth_off_are_refused() -> None:
+    from deployments.edge.access import Access
+    from deployments.errors import ServiceError
+
+    access = Access(ServiceSettings.from_args({"auth": {"keys": [KEY]}}).auth)
+    assert access.enabled
+    with pytest.raises(ServiceError) as refused:
+        access.caller(None)
+    assert refused.value.status_code == 401
+    with pytest.raises(ValidationError, match="auth.enabled is false but API keys are configured"):
+        ServiceSettings.from_args({"auth": {"enabled": False, "keys": [KEY]}})
+    assert not Access(ServiceSettings.from_args({}).auth).enabled  # no key: the laptop's open service
+
+
+def test_the_per_request_subject_limit_has_its_own_name_and_the_old_one_still_works() -> None:
+    with pytest.warns(FutureWarning, match="max_subjects_per_request"):
+        old = ServiceSettings.from_args({"limits": {"max_subjects": 2}})
+    assert old.limits.max_subjects_per_request == 2
+    with pytest.raises(ValidationError, match="keep only max_subjects_per_request"):
+        ServiceSettings.from_args({"limits": {"max_subjects": 2, "max_subjects_per_request": 2}})
+    for path in CONFIGS + [ROOT / "cluster" / "rayservice.yaml"]:
+        assert "max_subjects:" not in path.read_text(), f"{path.name} still uses limits.max_subjects"
+
+
+def test_the_laptop_config_says_its_urls_follow_its_port() -> None:
+    """public_base_url is not derived from http_options.port: the file says to change both."""
+    text = (ROOT / "serve_config.yaml").read_text()
+    config = yaml.safe_load(text)
+    args = config["applications"][0]["args"]
+    assert args["public_base_url"].endswith(f":{config['http_options']['port']}")
+    port_line = next(line for line in text.splitlines() if line.strip().startswith("port:"))
+    assert "public_base_url" in port_line
+
+
+def test_compile_reaches_the_model_replicas_pipeline() -> None:
+    """`compile` is the library's own switch on each model replica's pipeline; its warm-up then
+    makes the graphs before the replica is ready."""
+    from deployments.replicas.model_replica import load_pipeline
+
+    assert load_pipeline(ServiceSettings.from_args({"compile": True})).compile
+    assert not load_pipeline(ServiceSettings.from_args({})).compile

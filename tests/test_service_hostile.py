@@ -1,5 +1,6 @@
-"""The service against hostile and careless clients, damaged caches and a failing store: a real
-local Ray Serve app over real HTTP (tiny preset, one Generator), talked to as an attacker would.
+"""The service against hostile and careless clients and a failing store: a real local Ray Serve
+app over real HTTP (tiny preset, two Generators), talked to as an attacker would (damaged caches:
+test_service_damaged_caches.py).
 
 Every answer must be one the OpenAPI schema documents; nothing may hang, leak a path, or leave
 half a subject behind.
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import json
 import shutil
 import threading
 import time
@@ -19,35 +19,15 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import pytest
 import requests
 from service_helpers import (
-    REQUEST_TIMEOUT_S,
-    SIZE,
-    STEPS,
-    assert_same_pixels,
-    http,
-    image_pixels,
-    local_service,
-    kill_replicas,
-    ok_json,
-    post,
-    replica_actor_names,
-    tiny_service_args,
-    wait_replaced,
+    ANCHORS, REQUEST_TIMEOUT_S, SIZE, SUBJECTS, http, image_pixels, local_service, ok_json, post,
+    tiny_service_args
 )
+from service_helpers import store_root  # noqa: F401 (fixtures)
 
-from consistory import ConsiStoryConfig
-from deployments.signed_urls import signature, signed_url
+from deployments.flow.signed_urls import signature, signed_url
 
-APP = "consistory"
-SUBJECTS = ["cat"]
-ANCHORS = ["a photo of a cat in the park", "a photo of a cat on the beach"]
 PROMPT = "a cat in the snow"
-CONFIG = ConsiStoryConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE)
 DEADLINE_S = 8.0
-
-
-@pytest.fixture(scope="module")
-def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("artifacts")
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +45,6 @@ def service(store_root: Path):
         yield base_url
 
 
-@pytest.fixture(scope="module")
-def library(tiny_pipe):
-    return tiny_pipe
-
-
 def _create(client, service, seed: int) -> str:
     # Anchors of stories stopped by the tests above still finish on the AnchorStage (they are
     # shielded, so nothing is left half-persisted): until they have, a new subject can pass the
@@ -80,35 +55,6 @@ def _create(client, service, seed: int) -> str:
             break
         time.sleep(int(response.headers["retry-after"]))
     return ok_json(response)["subject_id"]
-
-
-def _expected(library, seed: int):
-    cache = library.create_anchors(ANCHORS, SUBJECTS, seed=seed, config=CONFIG).cache
-    return library.generate_from_anchors(cache, [PROMPT]).images[0]
-
-
-def _image(client, service, subject_id: str):
-    answer = ok_json(post(client, f"{service}/v1/subjects/{subject_id}/images", {"prompts": [PROMPT]}))
-    return image_pixels(client, answer["images"][0])
-
-
-def _record(client, service, subject_id: str) -> dict:
-    return ok_json(client.get(f"{service}/v1/subjects/{subject_id}", timeout=30))
-
-
-def _drop_cache_objects(service: str) -> None:
-    """Kill the AnchorStage (the owner of every cache object) and wait for its replacement:
-    Generators must then go to the artifact store."""
-    dead = set(replica_actor_names(APP, "AnchorStage"))
-    assert kill_replicas(APP, "AnchorStage") == 1
-    wait_replaced(APP, "AnchorStage", dead, service)
-
-
-def _forget_loaded_caches(service: str) -> None:
-    """Make the Generators load caches again: kill them too and wait for fresh ones."""
-    dead = set(replica_actor_names(APP, "Generator"))
-    kill_replicas(APP, "Generator")
-    wait_replaced(APP, "Generator", dead, service)
 
 
 # --- bodies ---
@@ -249,87 +195,19 @@ def test_a_client_that_leaves_mid_story_cancels_its_fan_out(service, store_root)
     assert not (set((store_root / "subjects").iterdir()) - before), "the abandoned story left a subject"
 
 
-# --- damaged caches ---
-def _damage(path: Path, how: str) -> None:
-    data = path.read_bytes()
-    length = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + length])
-    meta = header["__metadata__"]
-    if how == "flipped byte":
-        data = data[:-100] + bytes([data[-100] ^ 0xFF]) + data[-99:]
-    elif how == "truncated":
-        data = data[: len(data) // 2]
-    elif how == "huge header":
-        data = (2**62).to_bytes(8, "little") + data[8:]
-    else:
-        if how == "metadata not JSON":
-            meta["consistory"] = "{not json"
-        elif how == "unknown metadata key":
-            meta["consistory"] = json.dumps({**json.loads(meta["consistory"]), "surprise": 1})
-        elif how == "invalid config":
-            values = json.loads(meta["consistory"])
-            values["config"]["height"] = 7
-            meta["consistory"] = json.dumps(values)
-        elif how == "misshapen tensor":
-            key = next(k for k in header if k.startswith("shared/"))
-            header[key]["shape"] = [header[key]["shape"][1], header[key]["shape"][0]]
-        text = json.dumps(header).encode()
-        text += b" " * (-len(text) % 8)
-        data = len(text).to_bytes(8, "little") + text + data[8 + length:]
-    path.write_bytes(data)
-
-
-DAMAGE = ["flipped byte", "truncated", "huge header", "metadata not JSON", "unknown metadata key",
-          "invalid config", "misshapen tensor"]
-
-
-def test_every_damaged_cache_is_rebuilt(client, service, library, store_root):
-    """Damage the sha256 in the record catches (bytes changed after it was taken), and damage it
-    does not (the record's checksum taken of the damaged file): both end in a rebuild."""
-    import hashlib
-
-    seeds = {how: 100 + i for i, how in enumerate(DAMAGE)}
-    ids = {how: _create(client, service, seed) for how, seed in seeds.items()}
-    for how, subject_id in ids.items():
-        folder = store_root / "subjects" / subject_id
-        _damage(folder / "anchor_cache.safetensors", how)
-        if how not in ("flipped byte", "truncated"):
-            record = json.loads((folder / "record.json").read_text())
-            record["cache_sha256"] = hashlib.sha256((folder / "anchor_cache.safetensors").read_bytes()).hexdigest()
-            (folder / "record.json").write_text(json.dumps(record))
-    _drop_cache_objects(service)
-    _forget_loaded_caches(service)
-    for how, subject_id in ids.items():
-        for _ in range(3):  # a loaded machine can take a rebuild past the 8 s deadline: retry, as clients do
-            response = post(client, f"{service}/v1/subjects/{subject_id}/images", {"prompts": [PROMPT]})
-            if response.status_code != 503:
-                break
-            time.sleep(int(response.headers["retry-after"]))
-        assert response.status_code == 200, (how, response.status_code, response.text)
-        assert_same_pixels(image_pixels(client, response.json()["images"][0]), _expected(library, seeds[how]))
-        assert _record(client, service, subject_id)["rebuilds"] >= 1, how
-
-
-def test_a_lost_cache_is_rebuilt_once_for_concurrent_requests(client, service, library, store_root):
-    subject_id = _create(client, service, seed=200)
-    (store_root / "subjects" / subject_id / "anchor_cache.safetensors").unlink()
-    _drop_cache_objects(service)
-    _forget_loaded_caches(service)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-        images = list(pool.map(lambda _: _image(http(), service, subject_id), range(4)))
-    for image in images:
-        assert_same_pixels(image, _expected(library, 200))
-    assert _record(client, service, subject_id)["rebuilds"] == 1
-
-
 # --- a failing store (last: it breaks the store for a moment) ---
 def test_a_store_that_refuses_writes_gives_503_without_paths_or_leftovers(client, service, store_root):
     subjects = store_root / "subjects"
     moved = store_root / "subjects-away"
+    subjects.mkdir(parents=True, exist_ok=True)  # whether or not an earlier test stored a subject
     shutil.move(subjects, moved)
     subjects.write_text("not a directory: every write under subjects/ fails")
     try:
-        response = post(client, f"{service}/v1/subjects", {"prompts": ANCHORS, "subjects": SUBJECTS, "seed": 5})
+        for _ in range(30):  # until the anchors of the stories stopped above are done (see _create)
+            response = post(client, f"{service}/v1/subjects", {"prompts": ANCHORS, "subjects": SUBJECTS, "seed": 5})
+            if response.status_code != 503 or "took longer than" not in response.json()["detail"]:
+                break
+            time.sleep(int(response.headers["retry-after"]))
         assert response.status_code == 503 and int(response.headers["retry-after"]) >= 1
         detail = response.json()["detail"]
         assert "artifact store" in detail and response.headers["x-request-id"] in detail
@@ -340,7 +218,14 @@ def test_a_store_that_refuses_writes_gives_503_without_paths_or_leftovers(client
 
 
 def test_readiness_reflects_the_deployments_and_hides_the_store(client, service):
-    ready = ok_json(client.get(f"{service}/readyz", timeout=30))
+    # Ready again once the load of the tests above has passed: on a machine shared with other
+    # heavy work a replica can be restarting, or the controller's answer take past the 8 s
+    # deadline (503 + Retry-After), for a while.
+    deadline = time.monotonic() + 300
+    while (response := client.get(f"{service}/readyz", timeout=REQUEST_TIMEOUT_S)).status_code == 503:
+        assert time.monotonic() < deadline, response.text
+        time.sleep(int(response.headers["retry-after"]))
+    ready = ok_json(response)
     assert ready["replicas"]["generator"]["running"] >= 1 and "store" not in ready
 
 
@@ -348,8 +233,9 @@ def test_readiness_reflects_the_deployments_and_hides_the_store(client, service)
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 def test_fuzzed_requests_get_only_answers_the_schema_documents(service, mode):
     """Schemathesis draws requests from /openapi.json (valid ones, then ones that break it) and
-    checks every answer: never a 5xx other than a documented 503, a documented status and content
-    type, a body that matches its schema."""
+    checks every answer: never a 5xx other than a documented 503 with Retry-After (a valid story
+    can pass the 8 s deadline on a loaded machine), a documented status and content type, a body
+    that matches its schema."""
     import schemathesis
     from hypothesis import HealthCheck, given, settings
     from schemathesis import GenerationMode
@@ -358,13 +244,14 @@ def test_fuzzed_requests_get_only_answers_the_schema_documents(service, mode):
     assert "HTTPValidationError" not in http().get(f"{service}/openapi.json", timeout=30).text
     schema = schemathesis.openapi.from_url(f"{service}/openapi.json")
     checks = [getattr(schemathesis.checks, name) for name in (
-        "not_a_server_error", "status_code_conformance", "content_type_conformance", "response_schema_conformance")]
+        "status_code_conformance", "content_type_conformance", "response_schema_conformance")]
     session = http()
 
     @settings(max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
     @given(case=schema.as_strategy(generation_mode=GenerationMode(mode)))
     def answered_as_documented(case) -> None:
         response = case.call_and_validate(base_url=service, session=session, checks=checks, timeout=REQUEST_TIMEOUT_S)
+        assert response.status_code < 500 or response.status_code == 503, response.text
         assert response.status_code != 503 or response.headers.get("retry-after"), response.text
 
     answered_as_documented()

@@ -75,7 +75,7 @@ def service(store_root: Path):
 @pytest.fixture(scope="module")
 def library() -> ConsiStoryPipeline:
     """The tiny model with the ControlNet the service's `controlnet: preset:tiny` builds."""
-    from consistory.controlnets import load_controlnet
+    from consistory.loading import load_controlnet
 
     pipe = ConsiStoryPipeline.from_preset("tiny", seed=0)
     pipe.controlnet = load_controlnet("preset:tiny:0", pipe.sdxl.unet)
@@ -180,16 +180,15 @@ def test_bad_images_get_clear_4xx_and_the_service_still_answers(client, service)
 
 
 def test_controls_on_a_service_without_a_controlnet_are_refused():
-    from fastapi import HTTPException
-
-    from deployments.schemas import ImagesRequest
+    from deployments.edge.schemas import ImagesRequest
     from deployments.settings import ServiceSettings
-    from deployments.uploads import decode_uploads
+    from deployments.edge.uploads import decode_uploads
+    from deployments.errors import ServiceError
 
     for fields in ({"controls": [_b64(CONTROL_A)]}, {"controlnet_conditioning_scale": 0.5}):
         body = ImagesRequest(prompts=NEW[:1], **fields)
-        with pytest.raises(HTTPException) as raised:
-            decode_uploads(body, 0, ServiceSettings())
+        with pytest.raises(ServiceError) as raised:
+            decode_uploads(body, 0, ServiceSettings(), (64, 64))
         assert raised.value.status_code == 422 and "no ControlNet configured" in raised.value.detail
 
 

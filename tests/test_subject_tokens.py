@@ -2,8 +2,8 @@
 
 import pytest
 
-from consistory.subject_tokens import find_subject_tokens
-from consistory.tokenizer import build_local_clip_tokenizer
+from consistory.method.subject_tokens import find_subject_tokens
+from consistory.presets.tokenizer import build_local_clip_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Artifact store: bytes by key, on a local directory (the default) or S3.
 
 The service keeps images, anchor caches and subject records here. Keys are
-'/'-separated relative paths such as ``subjects/<id>/anchor_0.png``; the same key
+'/'-separated relative paths such as ``subjects/<id>/images/<request>/0.png``; the same key
 means the same object on every implementation.
 
 One concern per module: ``base`` (key rules, ``ArtifactNotFound``, the abstract
