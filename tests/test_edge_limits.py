@@ -16,7 +16,7 @@ from deployments.artifact_store import LocalArtifactStore
 from deployments.edge.event_hub import EventHub
 from deployments.edge.http_edge import EdgeLimits, HttpEdge
 from deployments.edge.methods import AllowedMethods
-from deployments.edge.numbers import ascii_integer
+from deployments.numbers import ascii_integer
 from deployments.errors import ServiceError
 from deployments.flow.jobs import append_event, load_job, save_job
 from deployments.resources import DeploymentResources, EdgeSettings

@@ -146,5 +146,7 @@ def test_a_signed_url_cannot_be_moved_stretched_or_forged() -> None:
     assert "does not match" in check_signature(SECRET, other_key, expires, sig, now=1000.0)
     assert "does not match" in check_signature(SECRET, KEY, str(int(expires) + 3600), sig, now=1000.0)
     assert "does not match" in check_signature(b"other" * 8, KEY, expires, sig, now=1000.0)
-    for missing in [(None, sig), (expires, None), ("soon", sig)]:
+    # Another script's digits pass str.isdigit() but not int(); 5000 digits pass neither int()
+    # nor any expiry this service writes: each is no signature, never an error.
+    for missing in [(None, sig), (expires, None), ("soon", sig), ("\u00b2", sig), ("9" * 5000, sig), (" 2000", sig)]:
         assert "no valid signature" in check_signature(SECRET, KEY, *missing, now=1000.0)

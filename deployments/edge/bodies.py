@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional
 
-from .numbers import ascii_integer
+from ..numbers import ascii_integer
 
 MAX_JSON_DEPTH = 32  # the API's bodies nest 3 deep
 MAX_NUMBER_DIGITS = 100  # seeds have 19; a number longer than this is never one the API takes

@@ -14,6 +14,11 @@ import time
 from typing import Optional
 from urllib.parse import quote
 
+from ..numbers import ascii_integer
+
+# Unix times have 10 digits until the year 2286; a longer `expires` is not one this service wrote.
+EXPIRES_DIGITS = 12
+
 
 def signature(secret: bytes, key: str, expires: int) -> str:
     return hmac.new(secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
@@ -28,10 +33,11 @@ def signed_url(secret: bytes, base: Optional[str], prefix: str, key: str, expire
 def check_signature(secret: bytes, key: str, expires: Optional[str], given: Optional[str],
                     now: Optional[float] = None) -> Optional[str]:
     """None if the URL is valid now, else why not (for the 403's detail)."""
-    if not expires or not given or not expires.isdigit():
+    when = ascii_integer(expires, EXPIRES_DIGITS)
+    if when is None or not given:
         return "the URL has no valid signature; use the url the service answered with"
-    if int(expires) < (time.time() if now is None else now):
+    if when < (time.time() if now is None else now):
         return "the URL has expired; ask for the image again"
-    if not hmac.compare_digest(signature(secret, key, int(expires)), given):
+    if not hmac.compare_digest(signature(secret, key, when), given):
         return "the URL's signature does not match; use the url the service answered with"
     return None

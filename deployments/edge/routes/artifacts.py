@@ -13,7 +13,6 @@ from ...artifact_store import LocalArtifactStore
 from ...errors import ServiceError, not_found
 from ...flow.image_links import ARTIFACTS
 from ...flow.subjects import is_image_key, record_key
-from ..numbers import ascii_integer
 from ..responses import documented
 from ..services import Services, services
 
@@ -29,10 +28,6 @@ async def artifact(key: str, expires: Optional[str] = None, signature: Optional[
     store = svc.store
     if not is_image_key(key) or not isinstance(store, LocalArtifactStore):
         raise not_found(NO_IMAGE)
-    # Unix seconds: 10 digits until the year 2286. Anything else (another script's digits, a
-    # number thousands of digits long) is no expiry at all, hence no valid signature.
-    if ascii_integer(expires, max_digits=12) is None:
-        expires = None
     problem = svc.links.check(key, expires, signature)
     if problem:
         raise ServiceError(403, problem)

@@ -17,7 +17,7 @@ from ..api_keys import Caller
 from ..planning import job_kind
 from ..responses import documented, images_response
 from ..schemas import JobOut, JobRequest
-from ..numbers import ascii_integer
+from ...numbers import ascii_integer
 from ..services import Services, services
 from ..sse import EventStreamResponse
 

@@ -12,7 +12,7 @@ from pydantic import BeforeValidator
 from ...flow.subjects import SubjectRecord, all_subject_ids, owned_subject_ids
 from ..access import current_caller
 from ..api_keys import Caller
-from ..numbers import digits_only
+from ...numbers import digits_only
 from ..responses import answer, documented
 from ..schemas import DeletedOut, ImagesResponse, SubjectListOut, SubjectOut, SubjectRequest
 from ..services import Services, services
