@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from typing import Optional
 
+from ..artifact_store import ArtifactNotFound
 from ..errors import ServiceError, not_found, unavailable, unprocessable
 from ..metrics import count_job
 from ..settings import JobSettings
@@ -26,6 +27,7 @@ from .jobs import (
     JobRecord,
     UnknownJob,
     clear_marks,
+    end_unplanned,
     idempotency_entry,
     idempotency_key,
     job_prefix,
@@ -105,8 +107,12 @@ class JobBoard:
                 # Nobody runs it: a runner here sees the cancel request first thing and ends it,
                 # giving back its subject and its places.
                 try:
-                    plan = await asyncio.to_thread(load_plan, self.store, job.job_id)
                     fresh = await self.load(job.job_id)
+                    plan = await asyncio.to_thread(load_plan, self.store, job.job_id)
+                except ArtifactNotFound:  # accepted by a version that stored no plan
+                    await asyncio.to_thread(end_unplanned, self.store, fresh, cancelled=True)
+                    await asyncio.to_thread(lease.release)
+                    return await self.load(job.job_id)
                 except BaseException:
                     await asyncio.to_thread(lease.release)
                     raise

@@ -28,6 +28,7 @@ from .jobs import (
     active_job_ids,
     append_event,
     clear_marks,
+    end_unplanned,
     load_job,
     load_plan,
     queued_job_ids,
@@ -115,9 +116,17 @@ class JobQueue:
                 await asyncio.to_thread(clear_marks, self.store, job)
                 await asyncio.to_thread(lease.release)
                 return
-            plan = await asyncio.to_thread(load_plan, self.store, job_id)
         except (UnknownJob, ArtifactNotFound):
             # Accepted a moment ago (marked before its record is stored), or deleted meanwhile.
+            await asyncio.to_thread(lease.release)
+            return
+        try:
+            plan = await asyncio.to_thread(load_plan, self.store, job_id)
+        except ArtifactNotFound:
+            # The plan is stored before the record, so a record without one was accepted by a
+            # version of the service that kept no plan: nothing here can run it again.
+            logger.warning("job %s has no stored plan (accepted by an earlier version); failing it", job_id)
+            await asyncio.to_thread(end_unplanned, self.store, job)
             await asyncio.to_thread(lease.release)
             return
         if taking_over:

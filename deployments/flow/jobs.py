@@ -244,6 +244,21 @@ def request_cancel(store: ArtifactStore, job_id: str) -> None:
     store.put(cancel_key(job_id), b"", "application/octet-stream")
 
 
+UNPLANNED = ("this job was accepted by an earlier version of the service, which did not store its plan, "
+             "and cannot be resumed; its finished images are listed; send the request again for the rest")
+
+
+def end_unplanned(store: ArtifactStore, job: JobRecord, cancelled: bool = False) -> None:
+    """Ends a job that has no stored plan (failed, saying why; or cancelled, as its client asked)
+    and frees what it holds."""
+    job.status, job.running, job.queue_position = ("cancelled" if cancelled else "failed"), [], None
+    if not cancelled:
+        job.error = {"status": 409, "detail": UNPLANNED}
+    append_event(store, job, "status", {"status": job.status, **({} if cancelled else {"error": job.error})})
+    save_job(store, job)
+    clear_marks(store, job)
+
+
 def clear_marks(store: ArtifactStore, job: JobRecord) -> None:
     """What a finished job no longer holds: its place in the queue, its key's job slot, its mark
     as active (last: while that exists, a replica finishes this if the runner could not)."""

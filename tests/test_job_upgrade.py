@@ -1,0 +1,77 @@
+"""Jobs left in the store by a version of the service that stored no plan (`jobs/<id>/plan.json`
+came with the job queue): after an upgrade they must end, saying why, rather than stay queued or
+running for ever and hold their key's places. The queue and the board run here on a real local
+store; the model deployments are never reached (a call to one fails the test)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from deployments.artifact_store import LocalArtifactStore
+from deployments.flow.cache_refs import CacheRefs
+from deployments.flow.image_links import ImageLinks
+from deployments.flow.job_board import JobBoard
+from deployments.flow.jobs import JobRecord, active_key, job_slots_prefix, load_job, new_job_id, queue_key, save_job
+from deployments.flow.slots import claim_slot, held_slots
+from deployments.flow.story_flow import StoryFlow
+from deployments.settings import ServiceSettings
+
+
+class Unreachable:
+    def __getattr__(self, name):
+        raise AssertionError(f"a job without a plan reached the model deployments ({name})")
+
+
+@pytest.fixture
+def board(tmp_path: Path) -> JobBoard:
+    store = LocalArtifactStore(tmp_path)
+    flow = StoryFlow(Unreachable(), Unreachable(), store, CacheRefs(4), retry_after_s=1)
+    return JobBoard(flow, ImageLinks(store, ServiceSettings()), replica="replica-a")
+
+
+def old_job(store: LocalArtifactStore, status: str) -> JobRecord:
+    """A job as the earlier version stored it: record, request and marks, no plan."""
+    now = time.time() - 60
+    job = JobRecord(job_id=new_job_id(), kind="story", owner="alice", subject_id="a" * 32,
+                    request_id="0000000000001-00000000", status=status, created_at=now, updated_at=now,
+                    images_total=3)
+    job.job_slot = claim_slot(store, job_slots_prefix(job.owner), 10, job.job_id)
+    store.put(f"jobs/{job.job_id}/request.json", json.dumps({"prompts": ["a cat"] * 3}).encode(), "application/json")
+    save_job(store, job)
+    if status == "queued":
+        store.put(queue_key(job), b"", "application/octet-stream")
+    store.put(active_key(job.job_id), b"", "application/octet-stream")
+    return job
+
+
+def events(store: LocalArtifactStore, job_id: str) -> list[dict]:
+    return [json.loads(store.get(a.key)) for a in store.list_prefix(f"jobs/{job_id}/events/")]
+
+
+@pytest.mark.parametrize("status", ["queued", "running"])
+def test_a_job_without_a_plan_fails_saying_why_and_frees_its_places(board, status) -> None:
+    store = board.store
+    job = old_job(store, status)
+    asyncio.run(board.queue.work_once())
+    after = load_job(store, job.job_id)
+    assert after.status == "failed" and after.error["status"] == 409
+    assert "earlier version" in after.error["detail"] and "send the request again" in after.error["detail"]
+    assert events(store, job.job_id)[-1]["data"] == {"status": "failed", "error": after.error}
+    assert not store.exists(active_key(job.job_id)) and not list(store.list_prefix("queue/"))
+    assert held_slots(store, job_slots_prefix("alice")) == []
+    asyncio.run(board.queue.work_once())  # nothing is left for a later pass to find
+    assert load_job(store, job.job_id).events == after.events
+
+
+def test_cancelling_a_queued_job_without_a_plan_cancels_it(board) -> None:
+    store = board.store
+    job = old_job(store, "queued")
+    answered = asyncio.run(board.cancel(load_job(store, job.job_id)))
+    assert answered.status == "cancelled" and answered.error is None
+    assert not store.exists(active_key(job.job_id)) and not list(store.list_prefix("queue/"))
+    assert held_slots(store, job_slots_prefix("alice")) == []
