@@ -11,6 +11,9 @@ threads each; the default runs are 1x1 and 2x1. On a CPU the actors share the ma
 hardware, not what a second GPU would add. `--runs 1x2` adds one actor using both cores through
 torch's threads; Ray runs actors at a lower priority (nice), so that run in particular is only
 meaningful on an otherwise idle machine (its threads wait for each other at every op).
+
+`--mode anchors --extend-batches 1 4` runs each shape with each `--extend-batch` (new images per
+`generate_from_anchors` call), interleaved: what batching a story's new images gains.
 """
 
 from __future__ import annotations
@@ -33,20 +36,22 @@ def write_spec(path: Path, stories: int, prompts: int) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def run(args: argparse.Namespace, actors: int, threads: int, spec: Path, dest: Path, cpus: int) -> dict:
+def run(args: argparse.Namespace, actors: int, threads: int, extend: int, spec: Path, dest: Path, cpus: int) -> dict:
     from consistory.cli.main import build_parser
     from consistory_batch.runner import run_batch
 
     argv = ["batch", str(spec), "--out", str(dest), "--model", args.preset, "--steps", str(args.steps),
             "--height", str(args.height), "--width", str(args.width), "--actors", str(actors),
-            "--device", "cuda" if args.device.startswith("cuda") else "cpu", "--mode", args.mode, "--no-progress"]
+            "--device", "cuda" if args.device.startswith("cuda") else "cpu", "--mode", args.mode,
+            "--extend-batch", str(extend), "--no-progress"]
     if not args.device.startswith("cuda"):
         argv += ["--cpus-per-actor", f"{cpus / actors:g}", "--torch-threads", str(threads)]
     if run_batch(build_parser().parse_args(argv)) != 0:
         raise SystemExit(f"the batch with {actors} actor(s) had failures; see {dest}/manifest.json")
     summary = json.loads((dest / "manifest.json").read_text())["summary"]
     return {
-        "run": f"{actors}x{threads}",
+        "run": label(actors, threads, extend, args),
+        "extend_batch": extend,
         "actors": actors,
         "threads_per_actor": threads,
         "images": summary["images"],
@@ -55,6 +60,10 @@ def run(args: argparse.Namespace, actors: int, threads: int, spec: Path, dest: P
         "images_per_s_per_replica": summary["images_per_s_per_replica"],
         "load_s_per_actor": [r["load_s"] for r in summary["per_replica"]],
     }
+
+
+def label(actors: int, threads: int, extend: int, args: argparse.Namespace) -> str:
+    return f"{actors}x{threads}" + (f"_e{extend}" if len(args.extend_batches) > 1 else "")
 
 
 def main() -> None:
@@ -66,6 +75,8 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", metavar="AxT",
                         help="actors x torch threads per actor (default: 1x1 2x1)")
     parser.add_argument("--mode", choices=("story", "anchors"), default="story")
+    parser.add_argument("--extend-batches", nargs="+", type=int, default=[4], metavar="N",
+                        help="--mode anchors: new images per actor call, one run per value (default 4)")
     parser.add_argument("--repeats", type=int, default=3, help="batches per run, reported by their median (default 3)")
     args = resolve(parser.parse_args())
 
@@ -76,23 +87,29 @@ def main() -> None:
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR")
     figures: dict = {"device": device_name(args.device), "preset": args.preset, "size": f"{args.height}x{args.width}",
                      "steps": args.steps, "stories": args.stories, "prompts_per_story": args.prompts,
-                     "mode": args.mode, "cores": cpus}
+                     "mode": args.mode, "extend_batches": args.extend_batches, "cores": cpus}
     try:
         with tempfile.TemporaryDirectory(prefix="batch-bench-") as tmp:
             spec = Path(tmp) / "stories.jsonl"
             write_spec(spec, args.stories, args.prompts)
             # Interleaved (1x1, 2x1, 1x1, ...), so that a slow spell of a shared machine
             # falls on every run shape rather than on one.
-            runs = [run(args, a, t, spec, Path(tmp) / f"out-{a}x{t}-{r}", cpus)
-                    for r in range(args.repeats) for a, t in shapes]
+            runs = [run(args, a, t, e, spec, Path(tmp) / f"out-{label(a, t, e, args)}-{r}", cpus)
+                    for r in range(args.repeats) for a, t in shapes for e in args.extend_batches]
     finally:
         ray.shutdown()
     for a, t in shapes:
-        mine = [r for r in runs if r["run"] == f"{a}x{t}"]
-        rate = statistics.median(r["images_per_s"] for r in mine)
-        figures[f"images_per_s_{a}x{t}"] = rate
-        figures[f"images_per_s_per_replica_{a}x{t}"] = rate / a
-        figures[f"load_s_{a}x{t}"] = statistics.median(max(r["load_s_per_actor"]) for r in mine)
+        for e in args.extend_batches:
+            name = label(a, t, e, args)
+            mine = [r for r in runs if r["run"] == name]
+            rate = statistics.median(r["images_per_s"] for r in mine)
+            figures[f"images_per_s_{name}"] = rate
+            figures[f"images_per_s_per_replica_{name}"] = rate / a
+            figures[f"load_s_{name}"] = statistics.median(max(r["load_s_per_actor"]) for r in mine)
+        if len(args.extend_batches) > 1:
+            low, high = min(args.extend_batches), max(args.extend_batches)
+            figures[f"gain_e{high}_over_e{low}_{a}x{t}"] = (figures[f"images_per_s_{label(a, t, high, args)}"]
+                                                          / figures[f"images_per_s_{label(a, t, low, args)}"])
     figures["runs"] = runs
     report({k: v for k, v in figures.items() if k != "runs"}, None)
     if args.json is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from hostile_clients import running_job
 from deployments.artifact_store import LocalArtifactStore
 from deployments.edge.event_hub import EventHub
 from deployments.edge.http_edge import EdgeLimits, HttpEdge
-from deployments.edge.methods import AllowedMethods
+from deployments.edge.methods import AllowedMethods, takes_body
 from deployments.numbers import ascii_integer
 from deployments.errors import ServiceError
 from deployments.flow.jobs import append_event, load_job, save_job
@@ -48,11 +49,11 @@ def _app(limits: EdgeLimits = LIMITS, gate=None) -> tuple[FastAPI, asyncio.Event
         return {}
 
     app.add_middleware(AllowedMethods, router=app.router)
-    app.add_middleware(HttpEdge, limit=limits, gate=gate)
+    app.add_middleware(HttpEdge, limit=limits, gate=gate, takes_body=partial(takes_body, app.router))
     return app, release, seen
 
 
-async def call(app, method: str, path: str, headers: dict[str, str] | None = None, chunks=(b"",),
+async def call(app, method: str, path: str, headers: dict[str, str] | list | None = None, chunks=(b"",),
                chunk_every_s: float = 0.0) -> tuple[int, dict[str, str], bytes]:
     """One request straight into the ASGI app, its body in `chunks` sent `chunk_every_s` apart."""
     pending = list(chunks)
@@ -72,7 +73,8 @@ async def call(app, method: str, path: str, headers: dict[str, str] | None = Non
         else:
             answer["body"] += message.get("body", b"")
 
-    raw = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    pairs = headers.items() if isinstance(headers, dict) else (headers or [])
+    raw = [(k.lower().encode(), v.encode()) for k, v in pairs]
     scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "root_path": "",
              "query_string": b"", "headers": raw, "asgi": {"version": "3.0"}, "scheme": "http",
              "server": ("test", 80), "client": ("test", 1)}
@@ -149,6 +151,31 @@ def test_options_and_405_say_every_method_of_the_path():
         status, headers, body = await call(app, "DELETE", "/v1/things")
         assert status == 405 and headers["allow"] == "GET, OPTIONS, POST" and b"allows GET, OPTIONS, POST" in body
         assert (await call(app, "OPTIONS", "/nowhere"))[0] == 404
+
+    asyncio.run(scenario())
+
+
+def test_a_body_is_read_only_where_a_route_takes_one():
+    async def scenario():
+        app, _, seen = _app()
+        started = time.monotonic()
+        # A body that would take an hour to arrive, sent where no route takes it: answered at
+        # once, not read (nor held against the rate limit) first.
+        for method, path, status in [("POST", "/nowhere", 404), ("PUT", "/v1/things", 405), ("POST", "/healthz", 405)]:
+            answered = await call(app, method, path, {"Content-Type": "application/json"}, [b"["] * 3600, 1.0)
+            assert answered[0] == status, (method, path, answered)
+        assert time.monotonic() - started < 1.0 and seen == []
+
+    asyncio.run(scenario())
+
+
+def test_the_first_of_repeated_content_types_is_the_one_checked():
+    async def scenario():
+        app, _, seen = _app()
+        nested = b"[" * 40 + b"]" * 40
+        headers = [("Content-Type", "application/json"), ("Content-Type", "text/plain")]
+        status, _, body = await call(app, "POST", "/v1/things", headers, [nested])
+        assert status == 422 and b"nests deeper than 32" in body and seen == []
 
     asyncio.run(scenario())
 

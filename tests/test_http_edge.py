@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from deployments.edge.bodies import too_deep
+from deployments.edge.bodies import json_problem, too_deep
 from deployments.edge.http_edge import EdgeLimits, HttpEdge
 from deployments.flow.signed_urls import check_signature, signed_url
 from deployments.request_ids import RequestIdLogFilter, current_request_id
@@ -117,6 +118,16 @@ def test_json_depth_ignores_brackets_inside_strings() -> None:
     assert not too_deep(b'{"a": ' + b"[" * 31 + b"]" * 31 + b"}", 32)
 
 
+def test_the_json_check_is_linear_in_the_body_whatever_its_strings_hold() -> None:
+    # A quote and then escaped quotes, unterminated: each escaped quote could begin a string
+    # that runs to the end (quadratic: 64 KB took 14 s, with the replica's event loop held).
+    for body in [b'"' + b'\\"' * 100_000, b'{"a": "' + b'\\"' * 100_000 + b'"}', b'"\\' * 100_000]:
+        started = time.monotonic()
+        json_problem(body)
+        assert time.monotonic() - started < 1.0
+    assert json_problem(b'{"a": "' + b'\\"' * 1000 + b'[' * 40 + b'"}') is None  # brackets inside a string
+
+
 def test_a_request_past_the_deadline_is_503_with_retry_after(client) -> None:
     response = client.get("/slow")
     assert response.status_code == 503
@@ -147,6 +158,8 @@ def test_a_signed_url_cannot_be_moved_stretched_or_forged() -> None:
     assert "does not match" in check_signature(SECRET, KEY, str(int(expires) + 3600), sig, now=1000.0)
     assert "does not match" in check_signature(b"other" * 8, KEY, expires, sig, now=1000.0)
     # Another script's digits pass str.isdigit() but not int(); 5000 digits pass neither int()
-    # nor any expiry this service writes: each is no signature, never an error.
-    for missing in [(None, sig), (expires, None), ("soon", sig), ("\u00b2", sig), ("9" * 5000, sig), (" 2000", sig)]:
+    # nor any expiry this service writes; hmac.compare_digest raises on non-ASCII text: each is
+    # no signature, never an error.
+    for missing in [(None, sig), (expires, None), ("soon", sig), ("\u00b2", sig), ("9" * 5000, sig), (" 2000", sig),
+                    (expires, "\u00e9"), (expires, sig.upper()), (expires, sig[:-1])]:
         assert "no valid signature" in check_signature(SECRET, KEY, *missing, now=1000.0)

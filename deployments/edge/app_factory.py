@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -28,7 +29,7 @@ from ..errors import ServiceError, store_unavailable
 from ..metrics import RequestMetrics
 from ..request_ids import RequestIdLogFilter, current_request_id
 from .http_edge import EdgeLimits, HttpEdge
-from .methods import AllowedMethods
+from .methods import AllowedMethods, takes_body
 from .responses import documented
 from .routes import ROUTERS, operations
 from .services import Services
@@ -55,7 +56,7 @@ def build_asgi_app(services: Services) -> FastAPI:
                         body_allowance_s=edge.body_allowance_s, min_body_bytes_per_s=edge.min_body_bytes_per_s,
                         max_requests=edge.admitted(settings.ingress))
     app.add_middleware(AllowedMethods, router=app.router)
-    app.add_middleware(HttpEdge, limit=limits, gate=services.access.gate)
+    app.add_middleware(HttpEdge, limit=limits, gate=services.access.gate, takes_body=partial(takes_body, app.router))
     app.add_middleware(RequestMetrics)  # outermost: counts the edge's own answers (413, 503) too
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     for router in ROUTERS:

@@ -13,8 +13,9 @@ number of requests in flight, the caller known before any body is read, and a bo
   and the Ingress's max_ongoing_requests keeps slots above `max_requests` for them: a probe never
   waits behind user requests in the proxy's queue.
 - A request with a body meets `gate` first (the API key: 401, or 429 over its rate), so a
-  client without a key cannot hold a slot by sending a body slowly; then the body is read within
-  its size and time limits (bodies.py: 413, 408, 422).
+  client without a key cannot hold a slot by sending a body slowly; then, only where a route
+  takes that method at that path (`takes_body`), the body is read within its size and time
+  limits (bodies.py: 413, 408, 422); elsewhere the app answers 404 or 405 without reading it.
 - A deadline of the service's own: a request still running after `deadline_s` is cancelled and
   answered 503. Serve's proxy lets clients lift its timeout (`x-request-timeout-seconds`) and its
   cancel-on-disconnect (`x-request-disconnect-disabled`); whatever they send, no request holds
@@ -91,16 +92,20 @@ async def answer(send: Send, status: int, detail: str, retry_after: Optional[flo
 class HttpEdge:
     """ASGI middleware: request ids, header, admission and body limits (see the module docstring)."""
 
-    def __init__(self, app, limit: EdgeLimits, gate: Optional[Gate] = None) -> None:
+    def __init__(self, app, limit: EdgeLimits, gate: Optional[Gate] = None,
+                 takes_body: Optional[Callable[[Scope], bool]] = None) -> None:
         self.app = app
         self.limit = limit
         self.gate = gate
+        self.takes_body = takes_body  # None: every request of a method with a body has one
         self.in_flight = 0  # requests of this replica past admission; one event loop, no lock
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers", []))
+        headers: dict[bytes, bytes] = {}
+        for name, value in scope.get("headers", []):
+            headers.setdefault(name, value)  # the first of repeated headers, as Starlette reads them
         given = headers.get(REQUEST_ID_HEADER.encode())
         request_id = loggable_id(given.decode("latin-1")) if given else uuid.uuid4().hex
         scope[SCOPE_KEY] = request_id  # for handlers that run outside this middleware (500s)
@@ -142,6 +147,10 @@ class HttpEdge:
                 except ServiceError as refused:
                     return await answer(send, refused.status_code, refused.detail, headers=refused.headers,
                                         close=True)
+            if self.takes_body is not None and not self.takes_body(scope):
+                # No route takes this method here: the app answers 404 or 405 without the body,
+                # which is neither read nor held.
+                return await self._within_deadline(scope, receive, send)
             body = await read_body(headers, receive, self.limit.body)
             if body is None:
                 return

@@ -19,6 +19,22 @@ from .http_edge import Receive, Scope, Send, answer
 CANDIDATES = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
+def matching_route(router: Any, scope: Scope, method: str) -> Any:
+    """The route of `router` that takes `method` at the scope's path, or None."""
+    probe = {**scope, "method": method}
+    for route in router.routes:
+        if route.matches(probe)[0] is Match.FULL:
+            return route
+    return None
+
+
+def takes_body(router: Any, scope: Scope) -> bool:
+    """Whether a route (not a mount: static files take no bodies) takes the request's method at
+    its path: only then does the edge read a body (http_edge.py)."""
+    route = matching_route(router, scope, scope["method"])
+    return route is not None and not isinstance(route, Mount)
+
+
 class AllowedMethods:
     """ASGI middleware; `router`: the app's router, read at each request (routes are added after
     the middleware is). Routes are asked through `matches`, Starlette's own interface, one
@@ -29,12 +45,7 @@ class AllowedMethods:
         self.router = router
 
     def _route(self, scope: Scope, method: str) -> Any:
-        """The route that takes `method` at the scope's path, or None."""
-        probe = {**scope, "method": method}
-        for route in self.router.routes:
-            if route.matches(probe)[0] is Match.FULL:
-                return route
-        return None
+        return matching_route(self.router, scope, method)
 
     def allowed(self, scope: Scope) -> Optional[set[str]]:
         """The methods the path takes; None where a mount answers (it says its own)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 from typing import Optional
 from urllib.parse import quote
@@ -18,6 +19,7 @@ from ..numbers import ascii_integer
 
 # Unix times have 10 digits until the year 2286; a longer `expires` is not one this service wrote.
 EXPIRES_DIGITS = 12
+_SIGNATURE = re.compile(r"[0-9a-f]{64}")  # what `signature` writes; compare_digest takes only ASCII text
 
 
 def signature(secret: bytes, key: str, expires: int) -> str:
@@ -34,7 +36,7 @@ def check_signature(secret: bytes, key: str, expires: Optional[str], given: Opti
                     now: Optional[float] = None) -> Optional[str]:
     """None if the URL is valid now, else why not (for the 403's detail)."""
     when = ascii_integer(expires, EXPIRES_DIGITS)
-    if when is None or not given:
+    if when is None or not given or not _SIGNATURE.fullmatch(given):
         return "the URL has no valid signature; use the url the service answered with"
     if when < (time.time() if now is None else now):
         return "the URL has expired; ask for the image again"
