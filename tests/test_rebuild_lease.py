@@ -81,3 +81,16 @@ def test_a_renewed_lease_outlives_its_first_expiry(store: ArtifactStore) -> None
     time.sleep(0.7)  # no more renewals: the holder is presumed dead
     assert Lease(store, holder.key, "sweeper", ttl_s=0.5).acquire()
     assert runner_lease(store, "x", "sweeper").key == holder.key
+
+
+def test_a_stalled_holder_can_neither_renew_nor_release_the_lease_another_took_over(store: ArtifactStore) -> None:
+    stalled = Lease(store, "jobs/y/runner.lease", "replica-a", ttl_s=0.2)
+    assert stalled.acquire() and stalled.renew()
+    time.sleep(0.4)  # replica-a stalls past the expiry; replica-b takes the job over
+    taker = Lease(store, stalled.key, "replica-b", ttl_s=60)
+    assert taker.acquire()
+    assert stalled.renew() is False  # replica-a learns it must stop, and writes nothing
+    stalled.release()
+    assert stalled.holder() == "replica-b" and not Lease(store, stalled.key, "replica-c", ttl_s=60).acquire()
+    taker.release()
+    assert not taker.held() and taker.renew() is False  # released: renewing does not bring it back

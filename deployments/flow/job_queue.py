@@ -73,8 +73,11 @@ class JobQueue:
     async def work_forever(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self._woken.wait(), SWEEP_S)
-            except asyncio.TimeoutError:
+                # asyncio.timeout, not wait_for: on Python 3.11 a wait_for cancelled as its
+                # timeout fires can swallow the cancellation, and the replica never stops this.
+                async with asyncio.timeout(SWEEP_S):
+                    await self._woken.wait()
+            except TimeoutError:
                 pass
             self._woken.clear()
             try:

@@ -43,6 +43,7 @@ class JobRunner:
         self._writes = asyncio.Lock()  # record and events reach the store in order
         self._last_progress = 0.0
         self._cancelled = False  # by the job's owner, as opposed to this replica going away
+        self._lost = False  # its lease was taken over by another replica
         self._work: Optional[asyncio.Future] = None
         self.task: Optional[asyncio.Future] = None  # run(), once started
 
@@ -77,6 +78,9 @@ class JobRunner:
             job.result = {"subject_id": job.subject_id, "images_total": job.images_total}
             await self._persist(("status", {"status": "succeeded"}))
         except asyncio.CancelledError:
+            if self._lost:
+                logger.warning("job %s: another replica took it over; this runner stops", job.job_id)
+                return
             if not self._cancelled:
                 raise  # this replica is stopping: the lease expires and another replica takes over
             await self._end_cancelled()
@@ -132,7 +136,12 @@ class JobRunner:
             await asyncio.sleep(CANCEL_POLL_S)
             try:
                 if time.monotonic() - renewed >= RENEW_S:
-                    await asyncio.to_thread(self.lease.renew)
+                    if not await asyncio.to_thread(self.lease.renew):
+                        # This replica stalled past the lease's expiry and another took the job
+                        # over: two runners would write one job's events. Stop, writing nothing.
+                        self._lost = True
+                        work.cancel()
+                        return
                     renewed = time.monotonic()
                 if await asyncio.to_thread(cancel_requested, self.store, self.job.job_id):
                     self._cancelled = True

@@ -3,7 +3,9 @@
 A lease is an object at a key holding its owner and an expiry; the store's create-if-absent
 decides who gets it. A holder that dies stops renewing it, and once it has expired the next
 caller takes it over. Two callers taking over the same expired lease at once can both succeed,
-so what a lease guards must be safe to do twice. The service holds three:
+so what a lease guards must be safe to do twice. A holder renews and releases only while the lease
+is still its own (read, then written: this narrows the overlap to one store round trip, it does
+not close it), and a job runner whose lease was taken over stops. The service holds three:
 
   subjects/<id>/rebuild.lease   one Generator rebuilds a lost cache; the others wait for it
   jobs/<id>/runner.lease        one Ingress replica runs a job, renewing it while it works
@@ -43,12 +45,26 @@ class Lease:
             return self.store.create_exclusive(self.key, self._body(), "application/json")
         return False
 
-    def renew(self) -> None:
-        """Pushes the expiry `ttl_s` into the future; only the holder calls this."""
+    def holder(self) -> str | None:
+        """Who holds it now, or None (free, or unreadable)."""
+        try:
+            return json.loads(self.store.get(self.key)).get("owner")
+        except (ArtifactNotFound, ValueError, TypeError, AttributeError):
+            return None
+
+    def renew(self) -> bool:
+        """Pushes the expiry `ttl_s` into the future while this owner still holds the lease;
+        False, writing nothing, once another has taken it over (this holder stalled past its
+        expiry) or it was released: the holder must then stop what the lease guards."""
+        if self.holder() != self.owner:
+            return False
         self.store.put(self.key, self._body(), "application/json")
+        return True
 
     def release(self) -> None:
-        self.store.delete_prefix(self.key)
+        """Gives the lease up if this owner still holds it (not another's that took it over)."""
+        if self.holder() == self.owner:
+            self.store.delete_prefix(self.key)
 
     def held(self) -> bool:
         """Whether anyone holds it (or held it and died less than `ttl_s` ago)."""

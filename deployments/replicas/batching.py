@@ -123,8 +123,9 @@ class Batcher(Generic[I, R]):
                 return batch
             self._arrived.clear()
             try:
-                await asyncio.wait_for(self._arrived.wait(), left)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(left):  # not wait_for: see flow/job_queue.py
+                    await self._arrived.wait()
+            except TimeoutError:
                 pass
 
     async def _run(self, key: Hashable, batch: list[_Waiting[I]]) -> None:

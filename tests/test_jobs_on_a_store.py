@@ -1,7 +1,11 @@
-"""Jobs left in the store by a version of the service that stored no plan (`jobs/<id>/plan.json`
-came with the job queue): after an upgrade they must end, saying why, rather than stay queued or
-running for ever and hold their key's places. The queue and the board run here on a real local
-store; the model deployments are never reached (a call to one fails the test)."""
+"""The job queue, board and runner on a real local store, with no Serve: what happens to a job
+when the service is upgraded or a replica stalls.
+
+- Jobs left by a version of the service that stored no plan (`jobs/<id>/plan.json` came with the
+  job queue) end, saying why, rather than stay queued or running for ever holding their key's
+  places; the model deployments are never reached (a call to one fails the test).
+- A runner whose replica stalled past its lease's expiry, while another replica took the job
+  over, stops and writes nothing more."""
 
 from __future__ import annotations
 
@@ -12,19 +16,42 @@ from pathlib import Path
 
 import pytest
 
+from consistory import ConsiStoryConfig
 from deployments.artifact_store import LocalArtifactStore
+from deployments.flow import job_runner
 from deployments.flow.cache_refs import CacheRefs
 from deployments.flow.image_links import ImageLinks
 from deployments.flow.job_board import JobBoard
 from deployments.flow.jobs import JobRecord, active_key, job_slots_prefix, load_job, new_job_id, queue_key, save_job
+from deployments.flow.leases import runner_lease_key
+from deployments.flow.plans import Plan
 from deployments.flow.slots import claim_slot, held_slots
 from deployments.flow.story_flow import StoryFlow
+from deployments.flow.subjects import new_subject_id
 from deployments.settings import ServiceSettings
 
 
 class Unreachable:
     def __getattr__(self, name):
         raise AssertionError(f"a job without a plan reached the model deployments ({name})")
+
+
+class Stuck:
+    """A deployment handle whose calls never answer (a model replica busy for ever)."""
+
+    def options(self, **_) -> "Stuck":
+        return self
+
+    def __getattr__(self, method):
+        class Method:
+            @staticmethod
+            def remote(request):
+                async def never():
+                    await asyncio.Event().wait()
+                    yield None
+                return never() if method.endswith("_stream") else asyncio.Event().wait()
+
+        return Method
 
 
 @pytest.fixture
@@ -75,3 +102,35 @@ def test_cancelling_a_queued_job_without_a_plan_cancels_it(board) -> None:
     assert answered.status == "cancelled" and answered.error is None
     assert not store.exists(active_key(job.job_id)) and not list(store.list_prefix("queue/"))
     assert held_slots(store, job_slots_prefix("alice")) == []
+
+
+def test_a_runner_whose_lease_was_taken_over_stops_and_writes_nothing(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(job_runner, "RENEW_S", 0.2)
+    store = LocalArtifactStore(tmp_path)
+    flow = StoryFlow(Stuck(), Stuck(), store, CacheRefs(4), retry_after_s=1)
+    board = JobBoard(flow, ImageLinks(store, ServiceSettings()), replica="replica-a")
+    plan = Plan(kind="story", subject_id=new_subject_id(), request_id="0000000000001-00000000", owner="alice",
+                prompts=("a cat", "a cat", "a cat"), seeds=(1, 2, 3), subjects=("cat",), n_anchors=2,
+                config=ConsiStoryConfig())
+
+    async def scenario():
+        sweeping = asyncio.ensure_future(board.sweep_forever())
+        job = await board.submit(plan, request_sha256="0" * 64)
+        for _ in range(100):  # the queue starts it here
+            await asyncio.sleep(0.05)
+            if load_job(store, job.job_id).status == "running":
+                break
+        runner = board.queue.runners[job.job_id]
+        # replica-a stalled past its lease; replica-b took the job over and now runs it.
+        store.put(runner_lease_key(job.job_id), json.dumps({"owner": "replica-b", "expires_at": time.time() + 60}).encode(),
+                  "application/json")
+        written = load_job(store, job.job_id)
+        await asyncio.wait_for(runner.task, timeout=10)
+        sweeping.cancel()
+        return job, written
+
+    job, written = asyncio.run(scenario())
+    after = load_job(store, job.job_id)
+    assert after.status == "running" and after.events == written.events  # nothing more written
+    assert json.loads(store.get(runner_lease_key(job.job_id)))["owner"] == "replica-b"
+    assert store.exists(active_key(job.job_id))  # still replica-b's to finish
