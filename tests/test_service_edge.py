@@ -3,8 +3,9 @@ running service found: a real local Ray Serve app over HTTP, API keys on, tiny p
 
 Held event streams, bodies sent a byte at a time and oversized headers must not take what the
 probes and other clients need; thin strips of photos are refused before any model work; every
-number a client writes is read strictly (4xx or ignored, never 500, never coerced); OPTIONS
-says every method of a path; invisible formatting characters never reach a prompt.
+number a client writes is read strictly (4xx or ignored, never 500, never coerced), and a URL's
+signature too; a body of any shape is checked in linear time, and read only where a route takes
+it; OPTIONS says every method of a path; invisible formatting characters never reach a prompt.
 """
 
 from __future__ import annotations
@@ -153,6 +154,32 @@ def test_a_malformed_expiry_is_403_never_500(client, service, expires):
     key = f"subjects/{'0' * 32}/images/0000000000000-00000000/000.png"
     response = client.get(f"{service}/v1/artifacts/{key}?expires={expires}&signature=00", timeout=30)
     assert response.status_code == 403 and "no valid signature" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("signature", ["%C3%A9", "ZZ", "0" * 65], ids=short)
+def test_a_malformed_signature_is_403_never_500(client, service, signature):
+    key = f"subjects/{'0' * 32}/images/0000000000000-00000000/000.png"
+    response = client.get(f"{service}/v1/artifacts/{key}?expires=999999999999&signature={signature}", timeout=30)
+    assert response.status_code == 403 and "no valid signature" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("path, key, status", [("/v1/artifacts/x", None, 405), ("/x", None, 404),
+                                                ("/v1/stories", "well", 422)])
+def test_a_body_of_escaped_quotes_is_answered_at_once(client, service, path, key, status):
+    body = b'"' + b'\\"' * 32768  # 64 KB: its JSON check held the event loop 14 s
+    started = time.monotonic()
+    response = client.post(service + path, data=body, timeout=60,
+                           headers={**(auth(key) if key else {}), "Content-Type": "application/json"})
+    assert response.status_code == status and time.monotonic() - started < 5
+
+
+def test_new_images_whose_seeds_would_pass_the_largest_are_422(client, service):
+    made = client.post(f"{service}/v1/subjects", json={**SUBJECT, "seed": 2**63 - 3}, headers=auth("well"), timeout=300)
+    assert made.status_code == 200, made.text
+    images = {"prompts": ["a photo of a cat in the snow"] * 2}  # no seeds: they continue 2**63 - 2
+    response = client.post(f"{service}/v1/subjects/{made.json()['subject_id']}/images", json=images,
+                           headers=auth("well"), timeout=60)
+    assert response.status_code == 422 and "give 'seeds'" in response.json()["detail"]
 
 
 @pytest.mark.parametrize("last_event_id", [b"\xb2", "²".encode(), b"9" * 5000, b"-1", b"0x1"], ids=short)

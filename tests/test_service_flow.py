@@ -6,6 +6,7 @@ handles here; the real ones are the service suites' business."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,8 @@ from deployments.errors import ServiceError
 from deployments.flow.cache_refs import CacheRefs
 from deployments.flow.plans import Plan, Uploads
 from deployments.flow.story_flow import StoryFlow
-from deployments.flow.subjects import owner_key, record_key
+from deployments.flow.slots import held_slots
+from deployments.flow.subjects import forgotten_key, owner_key, quota_prefix, record_key
 from deployments.messages import AnchorRequest, AnchorsResult, CacheHandle, ImageRequest, ImageResult
 
 STEP = StepProgress(pass_index=1, step=0, steps=1, done=1, total=1)
@@ -120,6 +122,38 @@ def test_a_failed_answer_leaves_no_subject_behind(flow) -> None:
     assert raised.value.status_code == 503 and raised.value.headers["Retry-After"] == "1"
     assert list(flow.store.list_prefix("subjects/")) == [] and not flow.store.exists(owner_key("alice", "a" * 32))
     assert flow.refs.get("a" * 32) is None
+
+
+class SlowStore(LocalArtifactStore):
+    """A local store whose create-if-absent (the quota's slots) takes a while, as S3's can."""
+
+    def create_exclusive(self, key, data, content_type):
+        time.sleep(0.3)
+        return super().create_exclusive(key, data, content_type)
+
+
+def test_a_client_that_leaves_while_its_subject_is_claimed_holds_no_place(tmp_path: Path) -> None:
+    calls: list = []
+    flow = StoryFlow(Handle(_anchors, calls), Handle(_image, calls), SlowStore(tmp_path), CacheRefs(4), 1)
+
+    async def scenario():
+        answering = asyncio.ensure_future(flow.answer(story(["cat 0", "cat 1"]), max_subjects=5))
+        await asyncio.sleep(0.1)  # the claim's write is under way in its thread
+        answering.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await answering
+        for _ in range(100):  # the claim lands, then is undone (the subject marked forgotten first)
+            await asyncio.sleep(0.1)
+            if released():
+                break
+
+    def released() -> bool:
+        store = flow.store
+        return (store.exists(forgotten_key("a" * 32)) and not store.exists(owner_key("alice", "a" * 32))
+                and held_slots(store, quota_prefix("alice")) == [])
+
+    asyncio.run(scenario())
+    assert released() and calls == []
 
 
 def test_images_of_a_subject_deleted_meanwhile_are_removed_and_404(flow) -> None:

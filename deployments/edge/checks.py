@@ -153,6 +153,13 @@ def first_seed(seed: Optional[int], count: int) -> int:
     return seed
 
 
+def check_continued_seeds(seeds: Sequence[int]) -> None:
+    """New images without seeds continue the anchors' seeds; near the top they run out."""
+    if seeds and max(seeds) > MAX_SEED:
+        raise unprocessable("new images without seeds continue the subject's anchor seeds, which here pass the "
+                            "largest seed 2**63 - 1; give 'seeds', one per prompt")
+
+
 def check_seeds(seeds: Optional[Sequence[int]], prompts: Sequence[str]) -> None:
     if seeds is not None and len(seeds) != len(prompts):
         raise unprocessable(

@@ -20,7 +20,15 @@ from ..flow.plans import Plan
 from ..flow.subjects import SubjectRecord, UnknownSubject, load_record, new_request_id, new_subject_id
 from ..settings import ServiceSettings
 from .api_keys import Caller
-from .checks import check_prompts, check_seeds, check_subject_tokens, check_subjects, first_seed, request_config
+from .checks import (
+    check_continued_seeds,
+    check_prompts,
+    check_seeds,
+    check_subject_tokens,
+    check_subjects,
+    first_seed,
+    request_config,
+)
 from .schemas import ImagesRequest, StoryRequest, SubjectRequest
 from .uploads import decode_uploads
 
@@ -75,6 +83,7 @@ class Planner:
         self._check_prompts(body.prompts, record.subjects)
         check_seeds(body.seeds, body.prompts)
         seeds = list(body.seeds) if body.seeds is not None else record.default_seeds(len(body.prompts))
+        check_continued_seeds(seeds)
         return Plan(
             kind="images", subject_id=record.subject_id, request_id=new_request_id(), owner=caller.name,
             prompts=tuple(body.prompts), seeds=tuple(seeds), response_format=body.response_format,

@@ -50,11 +50,23 @@ class JobBoard:
         self.flow, self.replica, self.max_queued_jobs = flow, replica, settings.max_queued_per_key
         self.store = flow.store
         self.queue = JobQueue(flow, links, replica, settings.runners_per_replica)
+        self._accepting: set[asyncio.Future] = set()
 
     async def submit(self, plan: Plan, *, request_sha256: str, idempotency: Optional[str] = None,
                      max_subjects: Optional[int] = None, max_queued_jobs: Optional[int] = None) -> JobRecord:
         """Accepts the planned job (or answers the job its Idempotency-Key already made) and
-        wakes the queue: it starts here if this replica has room, else where there is."""
+        wakes the queue: it starts here if this replica has room, else where there is.
+
+        Shielded from the caller: a client that leaves while its job is being accepted leaves an
+        accepted job (its Idempotency-Key finds it again), never half an acceptance (marks of a
+        job that does not exist, places held by nothing) from an undo racing the writes' threads."""
+        accepting = asyncio.ensure_future(self._accept(plan, request_sha256, idempotency, max_subjects, max_queued_jobs))
+        self._accepting.add(accepting)
+        accepting.add_done_callback(self._accepting.discard)
+        return await asyncio.shield(accepting)
+
+    async def _accept(self, plan: Plan, request_sha256: str, idempotency: Optional[str],
+                      max_subjects: Optional[int], max_queued_jobs: Optional[int]) -> JobRecord:
         marker = idempotency_key(plan.owner, idempotency) if idempotency else None
         if marker:
             earlier = await self._earlier(marker, idempotency, request_sha256)
@@ -108,6 +120,9 @@ class JobBoard:
                 # giving back its subject and its places.
                 try:
                     fresh = await self.load(job.job_id)
+                    if fresh.finished:  # it ended meanwhile (its runner was elsewhere)
+                        await asyncio.to_thread(lease.release)
+                        return fresh
                     plan = await asyncio.to_thread(load_plan, self.store, job.job_id)
                 except ArtifactNotFound:  # accepted by a version that stored no plan
                     await asyncio.to_thread(end_unplanned, self.store, fresh, cancelled=True)
@@ -116,7 +131,8 @@ class JobBoard:
                 except BaseException:
                     await asyncio.to_thread(lease.release)
                     raise
-                await self.queue.start(fresh, plan, lease).task
+                # Shielded: a client that leaves mid-DELETE does not stop the runner halfway.
+                await asyncio.shield(self.queue.start(fresh, plan, lease).task)
         return await self.load(job.job_id)
 
     async def sweep_forever(self) -> None:

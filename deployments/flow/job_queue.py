@@ -18,11 +18,12 @@ import asyncio
 import logging
 import time
 
-from ..artifact_store import ArtifactNotFound
+from ..artifact_store import ArtifactNotFound, ArtifactStoreError
 from .image_links import ImageLinks
 from .job_runner import JobRunner
 from .jobs import (
     JOB_SLOTS,
+    UNREADABLE_PLAN,
     JobRecord,
     UnknownJob,
     active_job_ids,
@@ -115,12 +116,18 @@ class JobQueue:
             return  # running elsewhere, or being told its place
         try:
             job = await asyncio.to_thread(load_job, self.store, job_id)
-            if job.finished:  # its runner ended it but died before clearing its marks
-                await asyncio.to_thread(clear_marks, self.store, job)
-                await asyncio.to_thread(lease.release)
-                return
         except (UnknownJob, ArtifactNotFound):
             # Accepted a moment ago (marked before its record is stored), or deleted meanwhile.
+            await asyncio.to_thread(lease.release)
+            return
+        except Exception:
+            # The store failing, or a record this version cannot read: the jobs behind this one
+            # still run, and this one is looked at again on the next pass.
+            logger.exception("job %s: its record could not be read; passing it over", job_id)
+            await asyncio.to_thread(lease.release)
+            return
+        if job.finished:  # its runner ended it but died before clearing its marks
+            await asyncio.to_thread(clear_marks, self.store, job)
             await asyncio.to_thread(lease.release)
             return
         try:
@@ -130,6 +137,17 @@ class JobQueue:
             # version of the service that kept no plan: nothing here can run it again.
             logger.warning("job %s has no stored plan (accepted by an earlier version); failing it", job_id)
             await asyncio.to_thread(end_unplanned, self.store, job)
+            await asyncio.to_thread(lease.release)
+            return
+        except ArtifactStoreError:
+            logger.exception("job %s: the store failed reading its plan; trying again later", job_id)
+            await asyncio.to_thread(lease.release)
+            return
+        except Exception:
+            # A plan that cannot be read (its uploads gone, or written by another version) will
+            # not become readable: the job ends, saying so, instead of coming back every pass.
+            logger.exception("job %s: its stored plan cannot be read; failing it", job_id)
+            await asyncio.to_thread(end_unplanned, self.store, job, UNREADABLE_PLAN)
             await asyncio.to_thread(lease.release)
             return
         if taking_over:
@@ -148,6 +166,8 @@ class JobQueue:
                 self._told[job_id] = place
             except (UnknownJob, ArtifactNotFound):
                 pass
+            except Exception:  # an unreadable record, or the store failing: the others are told
+                logger.exception("job %s: could not tell it its place in the queue", job_id)
             finally:
                 await asyncio.to_thread(lease.release)
 

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from ..artifact_store import ArtifactNotFound, ArtifactStore
 from .plans import MadeImage, Plan
 from .slots import release_slot
+from .subjects import release_subject
 
 JobKind = Literal["story", "subject", "images"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -246,14 +247,18 @@ def request_cancel(store: ArtifactStore, job_id: str) -> None:
 
 UNPLANNED = ("this job was accepted by an earlier version of the service, which did not store its plan, "
              "and cannot be resumed; its finished images are listed; send the request again for the rest")
+UNREADABLE_PLAN = ("this job's stored plan or its uploaded images cannot be read any more, so it cannot be "
+                   "resumed; its finished images are listed; send the request again for the rest")
 
 
-def end_unplanned(store: ArtifactStore, job: JobRecord, cancelled: bool = False) -> None:
-    """Ends a job that has no stored plan (failed, saying why; or cancelled, as its client asked)
-    and frees what it holds."""
+def end_unplanned(store: ArtifactStore, job: JobRecord, detail: str = UNPLANNED, cancelled: bool = False) -> None:
+    """Ends a job whose plan cannot be had (failed, saying why; or cancelled, as its client
+    asked) and frees what it holds."""
+    if job.kind != "images" and job.subject_id and not job.images:
+        release_subject(store, job.owner, job.subject_id)  # nothing delivered: as a failed job, no subject
     job.status, job.running, job.queue_position = ("cancelled" if cancelled else "failed"), [], None
     if not cancelled:
-        job.error = {"status": 409, "detail": UNPLANNED}
+        job.error = {"status": 409, "detail": detail}
     append_event(store, job, "status", {"status": job.status, **({} if cancelled else {"error": job.error})})
     save_job(store, job)
     clear_marks(store, job)

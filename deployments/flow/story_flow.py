@@ -65,6 +65,7 @@ class StoryFlow:
                  retry_after_s: float) -> None:
         self.anchor_stage, self.generator = anchor_stage, generator  # Serve DeploymentHandles
         self.store, self.refs, self.retry_after_s = store, refs, retry_after_s
+        self._undoing: set[asyncio.Future] = set()  # releases that outlive their cancelled callers
 
     async def answer(self, plan: Plan, max_subjects: Optional[int] = None,
                      started: Optional[float] = None) -> Outcome:
@@ -81,10 +82,17 @@ class StoryFlow:
 
     async def claim(self, plan: Plan, max_subjects: Optional[int]) -> None:
         """Counts the plan's new subject against its owner's `max_subjects` (429 when over)."""
+        claiming = asyncio.ensure_future(
+            asyncio.to_thread(claim_subject, self.store, plan.owner, plan.subject_id, max_subjects))
         try:
-            await asyncio.to_thread(claim_subject, self.store, plan.owner, plan.subject_id, max_subjects)
+            await asyncio.shield(claiming)
         except OverQuota as error:
             raise ServiceError(429, str(error)) from None  # no Retry-After: only a deletion makes room
+        except asyncio.CancelledError:
+            # The caller went while the claim was being written; its thread goes on and writes
+            # it. Undo it once written, or the owner's place stays held by a subject nobody has.
+            self._release_later(claiming, plan)
+            raise
 
     async def release(self, plan: Plan) -> None:
         """Undoes `claim` and whatever was stored for the subject; runs to its end even when the
@@ -161,7 +169,7 @@ class StoryFlow:
                 # finish, then go.
                 result = await asyncio.shield(made)
             except asyncio.CancelledError:
-                asyncio.ensure_future(self._release_when_done(made, plan))
+                self._release_later(made, plan)
                 raise
         elapsed = time.perf_counter() - started
         observe_stage("anchors", elapsed)
@@ -169,6 +177,11 @@ class StoryFlow:
         self.refs.put(plan.subject_id, result.cache)
         result.timings["anchors_call_s"] = elapsed
         return result
+
+    def _release_later(self, made: asyncio.Future, plan: Plan) -> None:
+        undo = asyncio.ensure_future(self._release_when_done(made, plan))
+        self._undoing.add(undo)  # the loop holds tasks weakly: keep it until it is done
+        undo.add_done_callback(self._undoing.discard)
 
     async def _release_when_done(self, made: asyncio.Future, plan: Plan) -> None:
         try:
