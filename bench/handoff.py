@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -92,6 +93,7 @@ def main() -> None:
     for k, v in figures.items():
         print(f"{k:<40} {v:.4g}" if isinstance(v, float) else f"{k:<40} {v}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
     ray.shutdown()

@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
@@ -279,6 +280,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         result = run_load(base, args)
         _print("load", result)
     if args.json_path:
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json_path, "w") as f:
             json.dump(result, f, indent=2)
         print(f"wrote {args.json_path}")

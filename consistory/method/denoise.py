@@ -137,7 +137,7 @@ def denoise_pass(
 
 def _doubled(residuals: dict) -> dict:
     """ControlNet residuals for [vanilla rows, SDSA rows]: query mixing's vanilla forward sees the
-    control as the SDSA forward does (see README, "Photos and poses")."""
+    control as the SDSA forward does (see README, "Your own subject from photos, and poses with ControlNet")."""
     if not residuals:
         return residuals
     return {

@@ -1,4 +1,4 @@
-"""The v1 HTTP API's request and response bodies (field names as in docs/architecture.md).
+"""The v1 HTTP API's request and response bodies (field names as in the README, "The HTTP service (Ray Serve)").
 
 Shape checks live here (types, signs, unknown fields); checks that depend on the service's
 configured limits or on a stored subject live in `checks.py`.
