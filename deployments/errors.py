@@ -28,6 +28,11 @@ class ServiceError(Exception):
         return f"ServiceError({self.status_code}, {self.detail!r})"
 
 
+class NotNow(Exception):
+    """A model replica's "not now" (a cache another replica is still rebuilding, say): answered
+    503 with Retry-After, its message as the detail, since it names nothing internal."""
+
+
 def unprocessable(detail: str) -> ServiceError:
     return ServiceError(422, detail)
 

@@ -58,9 +58,10 @@ def test_one_replica_of_many_gets_the_lease_until_it_releases_it(store: Artifact
 
 def test_the_lease_of_a_dead_holder_is_taken_over_after_it_expires(store: ArtifactStore) -> None:
     subject = new_subject_id()
-    assert rebuild_lease(store, subject, "died", ttl_s=0.2).acquire()
+    # Lifetimes of seconds, not tenths: a loaded machine (or S3) takes tenths between two calls.
+    assert rebuild_lease(store, subject, "died", ttl_s=2.0).acquire()
     assert not rebuild_lease(store, subject, "waiting", ttl_s=60).acquire()
-    time.sleep(0.4)
+    time.sleep(2.5)
     assert rebuild_lease(store, subject, "waiting", ttl_s=60).acquire()
     assert json.loads(store.get(rebuild_lease_key(subject)))["owner"] == "waiting"
 
@@ -72,21 +73,21 @@ def test_an_unreadable_lease_does_not_block_rebuilds_forever(store: ArtifactStor
 
 
 def test_a_renewed_lease_outlives_its_first_expiry(store: ArtifactStore) -> None:
-    holder = Lease(store, "jobs/x/runner.lease", "runner", ttl_s=0.5)
+    holder = Lease(store, "jobs/x/runner.lease", "runner", ttl_s=2.0)
     assert holder.acquire()
     for _ in range(3):
-        time.sleep(0.3)
-        holder.renew()
-        assert not Lease(store, holder.key, "sweeper", ttl_s=0.5).acquire()
-    time.sleep(0.7)  # no more renewals: the holder is presumed dead
-    assert Lease(store, holder.key, "sweeper", ttl_s=0.5).acquire()
+        time.sleep(1.0)
+        assert holder.renew()
+        assert not Lease(store, holder.key, "sweeper", ttl_s=2.0).acquire()
+    time.sleep(2.5)  # no more renewals: the holder is presumed dead
+    assert Lease(store, holder.key, "sweeper", ttl_s=2.0).acquire()
     assert runner_lease(store, "x", "sweeper").key == holder.key
 
 
 def test_a_stalled_holder_can_neither_renew_nor_release_the_lease_another_took_over(store: ArtifactStore) -> None:
-    stalled = Lease(store, "jobs/y/runner.lease", "replica-a", ttl_s=0.2)
+    stalled = Lease(store, "jobs/y/runner.lease", "replica-a", ttl_s=1.0)
     assert stalled.acquire() and stalled.renew()
-    time.sleep(0.4)  # replica-a stalls past the expiry; replica-b takes the job over
+    time.sleep(1.5)  # replica-a stalls past the expiry; replica-b takes the job over
     taker = Lease(store, stalled.key, "replica-b", ttl_s=60)
     assert taker.acquire()
     assert stalled.renew() is False  # replica-a learns it must stop, and writes nothing
@@ -94,3 +95,14 @@ def test_a_stalled_holder_can_neither_renew_nor_release_the_lease_another_took_o
     assert stalled.holder() == "replica-b" and not Lease(store, stalled.key, "replica-c", ttl_s=60).acquire()
     taker.release()
     assert not taker.held() and taker.renew() is False  # released: renewing does not bring it back
+
+
+def test_a_waiter_sees_when_the_rebuilder_died_and_takes_the_lease_over(store: ArtifactStore) -> None:
+    subject = new_subject_id()
+    rebuilder = rebuild_lease(store, subject, "rebuilder", ttl_s=1.0)
+    waiter = rebuild_lease(store, subject, "waiter", ttl_s=60)
+    assert rebuilder.acquire() and waiter.held() and not waiter.expired()
+    time.sleep(1.5)  # the rebuilder died without releasing
+    assert waiter.held() and waiter.expired() and waiter.acquire()
+    waiter.release()
+    assert not waiter.held() and not waiter.expired()  # released: nothing to take over

@@ -67,8 +67,17 @@ class Lease:
             self.store.delete_prefix(self.key)
 
     def held(self) -> bool:
-        """Whether anyone holds it (or held it and died less than `ttl_s` ago)."""
+        """Whether the lease exists (held, or left by a holder that died: see `expired`)."""
         return self.store.exists(self.key)
+
+    def expired(self) -> bool:
+        """Whether its holder let it lapse (it died, or stalled): the next `acquire` takes it."""
+        try:
+            return float(json.loads(self.store.get(self.key)).get("expires_at", 0)) < time.time()
+        except ArtifactNotFound:
+            return False  # released: nothing to take over
+        except (ValueError, TypeError, AttributeError):
+            return True  # unreadable: `acquire` takes it over too
 
 
 def rebuild_lease_key(subject_id: str) -> str:

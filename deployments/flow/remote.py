@@ -25,7 +25,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from consistory.errors import InputError
 
 from ..artifact_store import ArtifactStoreError
-from ..errors import ServiceError, not_found, store_unavailable, unavailable, unprocessable
+from ..errors import NotNow, ServiceError, not_found, store_unavailable, unavailable, unprocessable
 from ..request_ids import current_request_id
 from .subjects import UnknownSubject
 
@@ -98,6 +98,8 @@ def _from_replica(cause: BaseException, what: str, retry_after_s: float) -> Serv
         return not_found(str(cause))
     if isinstance(cause, InputError):  # the request was wrong; any other error is ours
         return unprocessable(str(cause))
+    if isinstance(cause, NotNow):
+        return unavailable(str(cause), retry_after_s)
     if isinstance(cause, ArtifactStoreError):
         logger.error("%s: artifact store failed [request %s]: %s", what, current_request_id(), cause)
         return store_unavailable(retry_after_s)

@@ -48,14 +48,18 @@ class _Waiting(Generic[I]):
     arrived: float = field(default_factory=time.monotonic)
     # Set on the event loop when the caller's wait ends; read on the pipeline's thread.
     gone: threading.Event = field(default_factory=threading.Event)
+    deaf: bool = False  # its listener failed: no more steps for it, but it still gets its result
 
     def tell(self, progress: StepProgress) -> None:
-        if self.on_step is None or self.gone.is_set():
+        if self.on_step is None or self.deaf or self.gone.is_set():
             return
         try:
             self.on_step(progress)
-        except Exception:  # StoppedByCaller, or a listener's own failure: it alone drops out
+        except StoppedByCaller:  # its caller went: it drops out of the batch
             self.gone.set()
+        except Exception:
+            logger.exception("a request's progress listener failed; it gets no more steps")
+            self.deaf = True
 
 
 class Batcher(Generic[I, R]):
@@ -82,11 +86,17 @@ class Batcher(Generic[I, R]):
         return await waiting.result
 
     async def _work(self) -> None:
-        while True:
-            key = await self._oldest_key()
-            batch = await self._gather(key)
-            if batch:
-                await self._run(key, batch)
+        try:
+            while True:
+                key = await self._oldest_key()
+                batch = await self._gather(key)
+                if batch:
+                    await self._run(key, batch)
+        except BaseException as error:
+            if not isinstance(error, asyncio.CancelledError):
+                logger.exception("the batch worker failed; its waiting requests fail with it")
+            self._fail_pending()
+            raise
 
     def _live(self, key: Hashable) -> list[_Waiting[I]]:
         """The key's requests whose callers still wait, dropping the others."""
@@ -133,6 +143,11 @@ class Batcher(Generic[I, R]):
             results = list(await self._make(key, [w.item for w in batch], _told_to(batch)))
             if len(results) != len(batch):
                 raise RuntimeError(f"a batch of {len(batch)} requests made {len(results)} results")
+        except asyncio.CancelledError as error:
+            # The worker itself is cancelled (the replica is stopping): nobody would resolve
+            # these requests' futures after it, so they fail now rather than wait for ever.
+            _fail(batch, RuntimeError("the replica stopped while making this request"))
+            raise
         except Exception as error:
             if len(batch) == 1 or isinstance(error, StoppedByCaller):
                 _fail(batch, error)
@@ -147,6 +162,12 @@ class Batcher(Generic[I, R]):
         for waiting, result in zip(batch, results):
             if not waiting.result.done():
                 waiting.result.set_result(result)
+
+
+    def _fail_pending(self) -> None:
+        for waiting in [w for key in list(self._pending) for w in self._pending.pop(key)]:
+            if not waiting.result.done():
+                waiting.result.set_exception(RuntimeError("the replica stopped before making this request"))
 
 
 def _told_to(batch: list[_Waiting]) -> ProgressCallback:

@@ -25,6 +25,7 @@ from typing import Any, Optional
 from ray.exceptions import GetTimeoutError, ObjectLostError
 
 from ..artifact_store import ArtifactNotFound, ArtifactStore
+from ..errors import NotNow
 from ..flow.inputs import MissingInput, load_inputs
 from ..flow.leases import rebuild_lease
 from ..flow.subjects import (
@@ -149,9 +150,12 @@ class CacheSources:
                 finally:
                     await asyncio.to_thread(lease.release)
             logger.info("subject %s: another replica is rebuilding its cache; waiting for it", subject_id)
-            while await asyncio.to_thread(lease.held):
+            # Until the rebuilder releases the lease, or its lease expires (it died): then the
+            # next acquire takes it over and this replica rebuilds.
+            while await asyncio.to_thread(lease.held) and not await asyncio.to_thread(lease.expired):
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"subject {subject_id}: its cache rebuild took over {lease_s:.0f} s")
+                    raise NotNow(f"subject {subject_id}'s cache is still being rebuilt after {lease_s:.0f} s; "
+                                 "retry later")
                 await asyncio.sleep(0.5)
             record = await asyncio.to_thread(load_record, self.store, subject_id)
             cache = await asyncio.to_thread(self._from_artifact_store, record)

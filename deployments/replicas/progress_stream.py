@@ -31,6 +31,7 @@ async def with_progress(work: Callable[[Callable], Awaitable[Any]]) -> AsyncIter
         loop.call_soon_threadsafe(queue.put_nowait, progress)
 
     task = asyncio.ensure_future(work(on_step))
+    getter = None
     try:
         while not task.done() or not queue.empty():
             getter = asyncio.ensure_future(queue.get())
@@ -42,5 +43,7 @@ async def with_progress(work: Callable[[Callable], Awaitable[Any]]) -> AsyncIter
         yield task.result()
     finally:
         gone.set()
+        if getter is not None and not getter.done():
+            getter.cancel()  # the caller left mid-wait: no queue read outlives the stream
         if not task.done():
             task.cancel()
