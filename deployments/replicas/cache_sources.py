@@ -114,7 +114,9 @@ class CacheSources:
         except AnchorCacheError as error:
             logger.warning("subject %s: cache object unreadable (%s); using the artifact store", subject_id, error)
             return None
-        return self._usable(cache, subject_id, "object store")
+        # Checked and copied to the device off the event loop (gigabytes at 1024 px), so the
+        # replica's other requests, their progress streams and Serve's health checks go on.
+        return await asyncio.to_thread(self._usable, cache, subject_id, "object store")
 
     def _from_artifact_store(self, record: SubjectRecord):
         """The stored cache, checked against the record's sha256; None if absent or unusable."""
@@ -182,7 +184,7 @@ class CacheSources:
         )
         await asyncio.to_thread(self._persist_rebuilt, record, out.cache)
         self.rebuilds += 1
-        return self._place(out.cache)
+        return await asyncio.to_thread(self._place, out.cache)
 
     def _stored_inputs(self, record: SubjectRecord) -> dict[str, Any]:
         """`create_anchors` keyword arguments for the subject's stored photos and anchor controls

@@ -31,4 +31,5 @@ async def get_cache(handle: CacheHandle, timeout_s: float) -> AnchorCache:
     """The cache on views of its chunks. Raises Ray's ObjectLostError (the owner died) or
     asyncio.TimeoutError, and AnchorCacheError for objects that are not a cache."""
     header, *chunks = await asyncio.wait_for(asyncio.gather(handle.header, *handle.chunks), timeout=timeout_s)
-    return AnchorCache.from_buffers(header.tobytes(), chunks)
+    # Off the event loop: parsing a header of megabytes must not hold other requests' streams.
+    return await asyncio.to_thread(AnchorCache.from_buffers, header.tobytes(), chunks)
