@@ -39,7 +39,7 @@ def start_local(
         extra: dict[str, Any] = {}
         if metrics_export_port is not None:
             extra["_metrics_export_port"] = metrics_export_port
-        ray.init(
+        init_ray(
             num_cpus=num_cpus,
             include_dashboard=False,
             runtime_env={"env_vars": dict(env_vars)} if env_vars else None,
@@ -50,6 +50,27 @@ def start_local(
     base_url = run_app(args, name="consistory", route_prefix="/", host=host, port=port, ready_timeout_s=ready_timeout_s)
     logger.info("service at %s; metrics at %s", base_url, metrics_address())
     return base_url
+
+
+RAY_START_ATTEMPTS = 3
+
+
+def init_ray(**options: Any) -> None:
+    """`ray.init`, again if the node missed Ray's own startup deadline: Ray gives its raylet a
+    fixed 30 s to register with the GCS, which a machine busy with other work can miss."""
+    import ray
+
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        try:
+            ray.init(**options)
+            return
+        except Exception as error:
+            if "timed out during startup" not in str(error) or attempt == RAY_START_ATTEMPTS:
+                raise
+            logger.warning("Ray's node missed its startup deadline (attempt %d of %d); starting it again",
+                           attempt, RAY_START_ATTEMPTS)
+            ray.shutdown()
+            time.sleep(5.0)
 
 
 def run_app(

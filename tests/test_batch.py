@@ -19,6 +19,7 @@ from s3_server import DUMMY_AWS_ENV, aws_dummy_credentials, s3_bucket, s3_client
 from consistory import ConsiStoryConfig
 from consistory.cli.main import build_parser, main
 from consistory_batch.runner import run_batch
+from deployments.local import init_ray
 
 TINY = ["--model", "tiny", "--steps", "2", "--height", "64", "--cpus-per-actor", "0.5", "--no-progress"]
 CONFIG = ConsiStoryConfig(num_inference_steps=2, height=64, width=64)
@@ -56,7 +57,7 @@ def local_ray():
     """One local Ray for the module, 2 CPUs; its workers get the moto server's dummy AWS keys
     (and nothing that could reach real credentials) for the S3 test."""
     worker_env = {**DUMMY_AWS_ENV, "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", runtime_env={"env_vars": worker_env})
+    init_ray(num_cpus=2, include_dashboard=False, logging_level="ERROR", runtime_env={"env_vars": worker_env})
     try:
         yield
     finally:

@@ -14,11 +14,12 @@ ray = pytest.importorskip("ray")
 
 from deployments.errors import ServiceError  # noqa: E402
 from deployments.flow.remote import call  # noqa: E402
+from deployments.local import init_ray  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pytest
 from service_helpers import free_port
 
+from deployments.local import init_ray
 from deployments.replicas.replica_caches import ReplicaCaches
 
 BLOB_BYTES = 10
@@ -65,7 +66,7 @@ def apps():
 
     # The replicas cannot import this test module: its deployment travels by value.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
         holder = holder_deployment()
