@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Optional
 
 from ..artifact_store import ArtifactNotFound, ArtifactStoreError
 from .image_links import ImageLinks
@@ -36,6 +37,7 @@ from .jobs import (
     save_job,
 )
 from .leases import Lease, runner_lease
+from .plans import Plan
 from .slots import held_slots
 from .story_flow import StoryFlow
 
@@ -115,44 +117,47 @@ class JobQueue:
         if not await asyncio.to_thread(lease.acquire):
             return  # running elsewhere, or being told its place
         try:
-            job = await asyncio.to_thread(load_job, self.store, job_id)
-        except (UnknownJob, ArtifactNotFound):
-            # Accepted a moment ago (marked before its record is stored), or deleted meanwhile.
+            runnable = await self._runnable(job_id)
+        except BaseException:
+            await asyncio.to_thread(lease.release)
+            raise
+        if runnable is None:
             await asyncio.to_thread(lease.release)
             return
+        if taking_over:
+            logger.info("taking over job %s (its runner stopped)", job_id)
+        self.start(*runnable, lease)
+
+    async def _runnable(self, job_id: str) -> Optional[tuple[JobRecord, Plan]]:
+        """The job and its plan, with this replica holding its lease; None when there is nothing
+        to run (ending the job here if it can never run)."""
+        try:
+            job = await asyncio.to_thread(load_job, self.store, job_id)
+        except (UnknownJob, ArtifactNotFound):
+            return None  # accepted a moment ago (marked before its record is stored), or deleted
         except Exception:
             # The store failing, or a record this version cannot read: the jobs behind this one
             # still run, and this one is looked at again on the next pass.
             logger.exception("job %s: its record could not be read; passing it over", job_id)
-            await asyncio.to_thread(lease.release)
-            return
+            return None
         if job.finished:  # its runner ended it but died before clearing its marks
             await asyncio.to_thread(clear_marks, self.store, job)
-            await asyncio.to_thread(lease.release)
-            return
+            return None
         try:
-            plan = await asyncio.to_thread(load_plan, self.store, job_id)
+            return job, await asyncio.to_thread(load_plan, self.store, job_id)
         except ArtifactNotFound:
             # The plan is stored before the record, so a record without one was accepted by a
             # version of the service that kept no plan: nothing here can run it again.
             logger.warning("job %s has no stored plan (accepted by an earlier version); failing it", job_id)
             await asyncio.to_thread(end_unplanned, self.store, job)
-            await asyncio.to_thread(lease.release)
-            return
         except ArtifactStoreError:
             logger.exception("job %s: the store failed reading its plan; trying again later", job_id)
-            await asyncio.to_thread(lease.release)
-            return
         except Exception:
             # A plan that cannot be read (its uploads gone, or written by another version) will
             # not become readable: the job ends, saying so, instead of coming back every pass.
             logger.exception("job %s: its stored plan cannot be read; failing it", job_id)
             await asyncio.to_thread(end_unplanned, self.store, job, UNREADABLE_PLAN)
-            await asyncio.to_thread(lease.release)
-            return
-        if taking_over:
-            logger.info("taking over job %s (its runner stopped)", job_id)
-        self.start(job, plan, lease)
+        return None
 
     async def _tell_places(self, job_ids: list[str]) -> None:
         for place, job_id in enumerate(job_ids):

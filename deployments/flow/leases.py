@@ -31,26 +31,36 @@ class Lease:
     def _body(self) -> bytes:
         return json.dumps({"owner": self.owner, "expires_at": time.time() + self.ttl_s}).encode()
 
+    def _read(self) -> dict | None:
+        """What the lease holds: None when there is none, {} when it cannot be read."""
+        try:
+            held = json.loads(self.store.get(self.key))
+        except ArtifactNotFound:
+            return None
+        except ValueError:
+            return {}
+        return held if isinstance(held, dict) else {}
+
+    @staticmethod
+    def _lapsed(held: dict) -> bool:
+        try:
+            return float(held.get("expires_at", 0)) < time.time()
+        except (TypeError, ValueError):
+            return True  # unreadable: taken over like an expired one
+
     def acquire(self) -> bool:
         """Whether this owner holds the lease now (it was free, or its holder's had expired)."""
         if self.store.create_exclusive(self.key, self._body(), "application/json"):
             return True
-        try:
-            held = json.loads(self.store.get(self.key))
-            expired = float(held.get("expires_at", 0)) < time.time()
-        except (ArtifactNotFound, ValueError, TypeError, AttributeError):
-            expired = True  # released meanwhile, or unreadable
-        if expired:
+        held = self._read()
+        if held is None or self._lapsed(held):  # released meanwhile, expired, or unreadable
             self.store.delete_prefix(self.key)
             return self.store.create_exclusive(self.key, self._body(), "application/json")
         return False
 
     def holder(self) -> str | None:
         """Who holds it now, or None (free, or unreadable)."""
-        try:
-            return json.loads(self.store.get(self.key)).get("owner")
-        except (ArtifactNotFound, ValueError, TypeError, AttributeError):
-            return None
+        return (self._read() or {}).get("owner")
 
     def renew(self) -> bool:
         """Pushes the expiry `ttl_s` into the future while this owner still holds the lease;
@@ -71,13 +81,10 @@ class Lease:
         return self.store.exists(self.key)
 
     def expired(self) -> bool:
-        """Whether its holder let it lapse (it died, or stalled): the next `acquire` takes it."""
-        try:
-            return float(json.loads(self.store.get(self.key)).get("expires_at", 0)) < time.time()
-        except ArtifactNotFound:
-            return False  # released: nothing to take over
-        except (ValueError, TypeError, AttributeError):
-            return True  # unreadable: `acquire` takes it over too
+        """Whether its holder let it lapse (it died, or stalled): the next `acquire` takes it.
+        False once released: there is nothing to take over."""
+        held = self._read()
+        return held is not None and self._lapsed(held)
 
 
 def rebuild_lease_key(subject_id: str) -> str:
